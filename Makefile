@@ -1,0 +1,54 @@
+# memcurve: `make demo` and `make test` are all a fresh machine needs.
+#
+# The virtual environment (torch & co., ~6 GB) lives in a cache folder keyed by a hash of pyproject.toml,
+# so fresh clones reuse it and a change of dependencies builds a new one. `.venv` links to it.
+# Override with `make test VENV=/path/to/venv` (an existing venv is used as it is, plus installs).
+SHELL := /bin/bash
+PYTHON ?= python3
+CACHE_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/memcurve
+DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-12)
+VENV ?= $(CACHE_DIR)/venv-$(DEPS_HASH)
+VENV_PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.memcurve-deps-$(DEPS_HASH)
+DEMO_CONFIG ?= configs/vit_digits_noisy.yaml
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-slow tb lint bench data-fashion-mnist clean-venv
+
+$(DEPS_STAMP): pyproject.toml
+	@test -x $(VENV_PY) || { echo "memcurve: creating venv in $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e ".[lm,dev]"
+	@touch $@
+
+# The editable install points at one checkout; re-point it (no downloads) when another checkout uses the venv.
+venv: $(DEPS_STAMP)
+	@$(VENV_PY) -c "import memcurve, os, sys; sys.exit(os.path.dirname(os.path.realpath(memcurve.__file__)) != os.path.realpath('$(CURDIR)'))" 2>/dev/null \
+		|| $(VENV_PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@ln -sfn $(VENV) .venv
+	@echo "memcurve: using venv $(VENV) (linked as .venv)"
+
+demo: venv
+	$(VENV_PY) train.py fit --config $(DEMO_CONFIG)
+	@echo "memcurve demo done. TensorBoard: make tb   (or: $(VENV)/bin/tensorboard --logdir runs)"
+
+test: venv
+	$(VENV_PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv
+	$(VENV_PY) -m pytest -m slow $(PYTEST_ARGS)
+
+tb: venv
+	$(VENV)/bin/tensorboard --logdir runs
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	@for script in bench/*.py; do echo "== $$script"; $(VENV_PY) $$script || exit 1; done
+
+# Full Fashion-MNIST for configs/vit_fashion_mnist_noisy.yaml (Debian package; needs root).
+data-fashion-mnist:
+	apt-get update && apt-get install -y dataset-fashion-mnist
+
+clean-venv:
+	rm -rf $(VENV) .venv

@@ -1,0 +1,5 @@
+"""Lightning callbacks: one callback per module, each usable on any run."""
+
+from memcurve.callbacks.memorization_eval import MemorizationEval, evaluate_memorization
+
+__all__ = ["MemorizationEval", "evaluate_memorization"]

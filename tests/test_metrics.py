@@ -1,0 +1,93 @@
+"""Memorization metrics against a plain Python reference, batch by batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memcurve.metrics import (
+    CleanTrainAccuracy,
+    GroundTruthRecovery,
+    MemorizationMetrics,
+    NoisedLabelAccuracy,
+    clean_train_accuracy,
+    ground_truth_recovery,
+    noised_label_accuracy,
+)
+
+
+def reference(preds, noisy, true, noised):
+    """Loops over examples, the definitions in words."""
+    pairs = list(zip(preds.tolist(), noisy.tolist(), true.tolist(), noised.tolist()))
+    noised_rows = [(p, n, t) for p, n, t, is_n in pairs if is_n]
+    clean_rows = [(p, t) for p, n, t, is_n in pairs if not is_n]
+    mem = sum(p == n for p, n, _ in noised_rows) / len(noised_rows) if noised_rows else math.nan
+    gt = sum(p == t for p, _, t in noised_rows) / len(noised_rows) if noised_rows else math.nan
+    clean = sum(p == t for p, t in clean_rows) / len(clean_rows) if clean_rows else math.nan
+    return mem, gt, clean
+
+
+def random_batch(generator, size, num_classes=5):
+    true = torch.randint(0, num_classes, (size,), generator=generator)
+    noised = torch.rand(size, generator=generator) < 0.3
+    noisy = torch.where(noised, (true + torch.randint(1, num_classes, (size,), generator=generator)) % num_classes, true)
+    # Predictions that sometimes follow the noisy label, sometimes the true one, sometimes neither.
+    choice = torch.randint(0, 3, (size,), generator=generator)
+    other = torch.randint(0, num_classes, (size,), generator=generator)
+    preds = torch.where(choice == 0, noisy, torch.where(choice == 1, true, other))
+    return preds, noisy, true, noised
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_metrics_match_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batches = [random_batch(generator, size) for size in (7, 1, 33, 12)]
+    mem_metric, gt_metric, clean_metric = NoisedLabelAccuracy(), GroundTruthRecovery(), CleanTrainAccuracy()
+    combined = MemorizationMetrics()
+    for preds, noisy, true, noised in batches:
+        mem_metric.update(preds, noisy, noised)
+        gt_metric.update(preds, true, noised)
+        clean_metric.update(preds, true, noised)
+        combined.update(preds, noisy, true, noised)
+    stacked = [torch.cat(parts) for parts in zip(*batches)]
+    expected = reference(*stacked)
+    got = (float(mem_metric.compute()), float(gt_metric.compute()), float(clean_metric.compute()))
+    assert got == pytest.approx(expected, abs=1e-6)
+    results = combined.compute()
+    assert (results["noised_acc"], results["gt_recovery"], results["clean_train_acc"]) == pytest.approx(expected)
+    assert results["num_noised"] == int(stacked[3].sum())
+    preds, noisy, true, noised = stacked
+    assert float(noised_label_accuracy(preds, noisy, noised)) == pytest.approx(expected[0])
+    assert float(ground_truth_recovery(preds, true, noised)) == pytest.approx(expected[1])
+    assert float(clean_train_accuracy(preds, true, noised)) == pytest.approx(expected[2])
+
+
+def test_logits_are_accepted_and_argmaxed():
+    logits = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    noisy = torch.tensor([1, 1, 2])
+    noised = torch.tensor([True, True, False])
+    assert float(noised_label_accuracy(logits, noisy, noised)) == pytest.approx(0.5)
+
+
+def test_empty_subset_is_nan_not_zero():
+    preds = torch.tensor([0, 1])
+    assert math.isnan(float(noised_label_accuracy(preds, preds, torch.tensor([False, False]))))
+    metric = MemorizationMetrics()
+    metric.update(preds, preds, preds, torch.tensor([False, False]))
+    assert math.isnan(metric.compute()["gt_recovery"])
+    assert metric.compute()["clean_train_acc"] == 1.0
+
+
+def test_reset_clears_state():
+    metric = NoisedLabelAccuracy()
+    metric.update(torch.tensor([1]), torch.tensor([1]), torch.tensor([True]))
+    metric.reset()
+    metric.update(torch.tensor([1]), torch.tensor([0]), torch.tensor([True]))
+    assert float(metric.compute()) == 0.0
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="noisy_labels|target must have shape"):
+        noised_label_accuracy(torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([True, False]))

@@ -1,0 +1,52 @@
+"""memcurve's training entry point, a LightningCLI.
+
+    python train.py fit --config configs/vit_digits_noisy.yaml [--trainer.max_epochs=50 ...]
+    python train.py validate --config configs/vit_digits_noisy.yaml --ckpt_path runs/.../last.ckpt
+
+Any LightningModule / LightningDataModule can be named by ``class_path`` in the config; TensorBoard logs
+and checkpoints go under ``runs/`` (see the configs). After ``fit`` the final figures and the log folder
+are printed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+SUMMARY_TAGS = ("val/acc", "mem/noised_acc", "mem/gt_recovery", "mem/clean_train_acc", "train/loss")
+
+
+class MemcurveCLI(LightningCLI):
+    """LightningCLI that prints a run summary after fitting."""
+
+    @rank_zero_only
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        metrics = trainer.callback_metrics
+        lines = [f"memcurve: finished {trainer.current_epoch} epochs"]
+        for tag in SUMMARY_TAGS:
+            if tag in metrics and not math.isnan(float(metrics[tag])):
+                lines.append(f"  {tag:<22} {float(metrics[tag]):.4f}")
+        log_dir = trainer.log_dir
+        lines.append(f"  logs and checkpoints:  {log_dir}")
+        if trainer.logger is not None:
+            lines.append(f"  view them with:        tensorboard --logdir {trainer.logger.save_dir}")
+        print("\n".join(lines), flush=True)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MemcurveCLI:
+    """Build (and with ``run``, execute) the CLI; ``run=False`` only instantiates the config's objects."""
+    return MemcurveCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

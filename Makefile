@@ -42,6 +42,7 @@ tb: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: venv
 	@for script in bench/*.py; do echo "== $$script"; $(VENV_PY) $$script || exit 1; done

@@ -40,8 +40,7 @@ def _create_timm_model(model_name: str, num_classes: int, pretrained: bool, mode
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
         raise ValueError(
-            f"model_name={model_name!r} is not a timm model; close matches: {close} "
-            "(all names: timm.list_models())"
+            f"model_name={model_name!r} is not a timm model; close matches: {close} (all names: timm.list_models())"
         )
     return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
 
@@ -133,9 +132,7 @@ class NoisyLabelClassifier(pl.LightningModule):
         data_chans = getattr(datamodule, "in_chans", None)
         model_chans = self.model_kwargs.get("in_chans", 3)
         if data_chans is not None and data_chans != model_chans:
-            raise ValueError(
-                f"model_kwargs in_chans={model_chans} does not match the data's {data_chans} channel(s)"
-            )
+            raise ValueError(f"model_kwargs in_chans={model_chans} does not match the data's {data_chans} channel(s)")
         sizes = _patch_and_image_size(self.model)
         data_size = getattr(datamodule, "image_size", None)
         if sizes is not None and data_size is not None and tuple(sizes[1]) != (data_size, data_size):

@@ -18,7 +18,10 @@ ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strateg
 
 def test_there_are_configs():
     assert {path.name for path in CONFIGS} >= {
-        "vit_digits_noisy.yaml", "vit_fashion_mnist_noisy.yaml", "vit_cifar10_noisy.yaml", "vit_base_imagenet_noisy.yaml",
+        "vit_digits_noisy.yaml",
+        "vit_fashion_mnist_noisy.yaml",
+        "vit_cifar10_noisy.yaml",
+        "vit_base_imagenet_noisy.yaml",
     }
 
 
@@ -38,11 +41,18 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
 def test_cli_fit_writes_logs_noise_and_checkpoints(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tiny = {"img_size": 8, "in_chans": 1, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}
-    main([
-        "fit", "--config", str(CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")]),
-        "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
-        f"--model.init_args.model_kwargs={json.dumps(tiny)}", "--data.init_args.subset_size=200",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")]),
+            "--trainer.max_epochs=2",
+            "--trainer.check_val_every_n_epoch=1",
+            "--trainer.enable_progress_bar=false",
+            f"--model.init_args.model_kwargs={json.dumps(tiny)}",
+            "--data.init_args.subset_size=200",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "mem/noised_acc" in printed and "val/acc" in printed and "tensorboard --logdir runs" in printed
     run_dir = tmp_path / "runs" / "vit_digits_noisy" / "version_0"

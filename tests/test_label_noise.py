@@ -14,8 +14,10 @@ def labels(n=1000, num_classes=10, seed=0):
     return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(("n", "fraction", "expected"), [(1000, 0.1, 100), (1500, 0.1, 150), (7, 0.5, 4), (10, 0.0, 0),
-                                                         (3, 0.1, 0), (5, 0.9, 5), (1797, 0.37, 665)])
+@pytest.mark.parametrize(
+    ("n", "fraction", "expected"),
+    [(1000, 0.1, 100), (1500, 0.1, 150), (7, 0.5, 4), (10, 0.0, 0), (3, 0.1, 0), (5, 0.9, 5), (1797, 0.37, 665)],
+)
 def test_exact_number_of_labels_corrupted(n, fraction, expected):
     noise = make_symmetric_noise(labels(n), 10, fraction, seed=3)
     assert noise.num_noised == expected

@@ -32,7 +32,8 @@ def reference(preds, noisy, true, noised):
 def random_batch(generator, size, num_classes=5):
     true = torch.randint(0, num_classes, (size,), generator=generator)
     noised = torch.rand(size, generator=generator) < 0.3
-    noisy = torch.where(noised, (true + torch.randint(1, num_classes, (size,), generator=generator)) % num_classes, true)
+    offsets = torch.randint(1, num_classes, (size,), generator=generator)
+    noisy = torch.where(noised, (true + offsets) % num_classes, true)
     # Predictions that sometimes follow the noisy label, sometimes the true one, sometimes neither.
     choice = torch.randint(0, 3, (size,), generator=generator)
     other = torch.randint(0, num_classes, (size,), generator=generator)
@@ -89,5 +90,5 @@ def test_reset_clears_state():
 
 
 def test_shape_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match="noisy_labels|target must have shape"):
+    with pytest.raises(ValueError, match=r"target must have shape \(2,\) like preds"):
         noised_label_accuracy(torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([True, False]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -16,8 +17,14 @@ from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import NoisyLabelClassifier, warmup_cosine_factor
 
 EXPECTED_TAGS = {
-    "train/loss_step", "train/loss_epoch", "train/acc", "val/acc", "val/loss",
-    "mem/noised_acc", "mem/gt_recovery", "mem/clean_train_acc",
+    "train/loss_step",
+    "train/loss_epoch",
+    "train/acc",
+    "val/acc",
+    "val/loss",
+    "mem/noised_acc",
+    "mem/gt_recovery",
+    "mem/clean_train_acc",
 }
 
 
@@ -35,8 +42,13 @@ def small_digits(**overrides) -> NoisyLabelDataModule:
 
 def trainer(tmp_path: Path, **overrides) -> pl.Trainer:
     options = {
-        "max_epochs": 2, "accelerator": "cpu", "devices": 1, "logger": TensorBoardLogger(tmp_path, name="run"),
-        "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": TensorBoardLogger(tmp_path, name="run"),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
     }
     options.update(overrides)
     return pl.Trainer(**options)
@@ -48,7 +60,7 @@ def test_warmup_then_cosine():
     assert factors[4] == pytest.approx(1.0)
     assert factors[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factors[14] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
 
 
 def test_fit_logs_every_tag_to_tensorboard(tmp_path, tiny_vit_kwargs):
@@ -129,7 +141,8 @@ def test_evaluate_memorization_restores_train_mode(tiny_vit_kwargs):
 
 
 def test_unknown_timm_model_name():
-    with pytest.raises(ValueError, match=r"model_name='vit_tinyy_patch16_224' is not a timm model.*vit_tiny_patch16_224"):
+    message = r"model_name='vit_tinyy_patch16_224' is not a timm model.*vit_tiny_patch16_224"
+    with pytest.raises(ValueError, match=message):
         NoisyLabelClassifier(model_name="vit_tinyy_patch16_224")
 
 

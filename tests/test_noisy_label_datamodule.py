@@ -80,8 +80,10 @@ def test_data_and_noise_do_not_depend_on_num_workers():
     def read(num_workers):
         datamodule = digits(num_workers=num_workers, eval_batch_size=500)
         batches = list(datamodule.memorization_dataloader())
-        return datamodule.noise.fingerprint(), torch.cat([b["label"] for b in batches]), torch.cat(
-            [b["image"] for b in batches]
+        return (
+            datamodule.noise.fingerprint(),
+            torch.cat([b["label"] for b in batches]),
+            torch.cat([b["image"] for b in batches]),
         )
 
     zero, two = read(0), read(2)
@@ -140,7 +142,12 @@ def test_hf_source_with_in_memory_dataset():
     )
     table = datasets.Dataset.from_dict({"img": images, "y": labels}, features=features)
     datamodule = NoisyLabelDataModule(
-        source="hf", root=table, hf_image_column="img", hf_label_column="y", val_size=8, noise_fraction=0.25,
+        source="hf",
+        root=table,
+        hf_image_column="img",
+        hf_label_column="y",
+        val_size=8,
+        noise_fraction=0.25,
         batch_size=8,
     )
     datamodule.setup("fit")
@@ -169,7 +176,8 @@ def test_bad_arguments_fail_eagerly(overrides, message):
 
 
 def test_subset_larger_than_dataset():
-    with pytest.raises(ValueError, match=r"subset_size=5000 is larger than the 1500 training images of source 'digits'"):
+    message = r"subset_size=5000 is larger than the 1500 training images of source 'digits'"
+    with pytest.raises(ValueError, match=message):
         digits(subset_size=5000)
 
 

@@ -11,9 +11,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from memcurve.data import sources
 from memcurve.data.sources import SOURCES, ImageSplits, load_image_source, source_info
-from PIL import Image
 
 
 def _check_item(splits: ImageSplits, dataset: torch.utils.data.Dataset, index: int, labels: torch.Tensor) -> None:

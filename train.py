@@ -11,7 +11,6 @@ are printed.
 from __future__ import annotations
 
 import math
-import sys
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -49,4 +48,4 @@ def main(args: list[str] | None = None, run: bool = True) -> MemcurveCLI:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LabelNoise", "atomic_write_text", "make_symmetric_noise", "seeded_rng"]
+from memcurve.curvature.storage import atomic_write
+
+__all__ = ["LabelNoise", "make_symmetric_noise", "seeded_rng"]
 
 FORMAT_VERSION = 1
 
@@ -28,22 +29,6 @@ FORMAT_VERSION = 1
 def seeded_rng(seed: int, stream: int) -> np.random.Generator:
     """An independent, reproducible random stream per purpose (val split, subset, noise)."""
     return np.random.default_rng([seed, stream])
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the complete new one, never partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -113,7 +98,8 @@ class LabelNoise:
         return noise
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict()))
+        text = json.dumps(self.to_dict())
+        atomic_write(path, lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LabelNoise:

@@ -126,7 +126,7 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 512,
         num_workers: int = 0,
-        val_size: float = 0.1,
+        val_size: int | float = 0.1,
         subset_size: int | None = None,
         val_subset_size: int | None = None,
         image_size: int | None = None,

@@ -67,3 +67,10 @@ def test_cli_rejects_bad_config_values(tmp_path, monkeypatch):
     digits = str(CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")])
     with pytest.raises(ValueError, match=r"noise_fraction=1.5 must be a number in \[0, 1\)"):
         main(["--config", digits, "--data.init_args.noise_fraction=1.5"], run=False)
+
+
+def test_counts_in_configs_stay_integers(tmp_path, monkeypatch):
+    """``val_size: 297`` is a count; a float 297.0 would be read as a fraction and rejected."""
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")])], run=False)
+    assert cli.datamodule.val_size == 297 and isinstance(cli.datamodule.val_size, int)

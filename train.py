@@ -29,6 +29,9 @@ class MemcurveCLI(LightningCLI):
         for tag in SUMMARY_TAGS:
             if tag in metrics and not math.isnan(float(metrics[tag])):
                 lines.append(f"  {tag:<22} {float(metrics[tag]):.4f}")
+        for callback in trainer.callbacks:
+            for path in getattr(callback, "saved_paths", [])[-1:]:
+                lines.append(f"  {type(callback).__name__ + ':':<22} {path}")
         log_dir = trainer.log_dir
         lines.append(f"  logs and checkpoints:  {log_dir}")
         if trainer.logger is not None:

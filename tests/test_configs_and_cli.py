@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from memcurve.curvature import load_factors
 from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import NoisyLabelClassifier
 from memcurve.train import main
@@ -60,6 +61,10 @@ def test_cli_fit_writes_logs_noise_and_checkpoints(tmp_path, monkeypatch, capsys
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file()
+    # The config's KFACFactors callback wrote CLS-only factors of all 4 MLP projections (depth 2) at fit end.
+    factors = load_factors(run_dir / "kfac" / "kfac-final.safetensors")
+    assert len(factors.layers) == 4 and factors.settings["position"] == "cls" and factors.settings["mc_samples"] == 4
+    assert "KFACFactors:" in printed
 
 
 def test_cli_rejects_bad_config_values(tmp_path, monkeypatch):

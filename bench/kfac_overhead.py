@@ -1,0 +1,232 @@
+"""How much does collecting K-FAC factors cost, next to plain training steps and to kronfluence?
+
+    python bench/kfac_overhead.py [--repeats 5] [--device cpu|cuda] [--no-kronfluence]
+
+For a tiny ViT (embed 96, depth 6) and a wider one (embed 384, depth 6), both on the same 1,500 digits images
+(8x8, patch 2: 17 tokens), each measured in its own subprocess so peak memory is per method:
+
+* plain        forward + mean cross-entropy + backward over all batches (the training-step baseline)
+* memcurve     ``collect_factors``: expand mode, sampled Fisher, every nn.Linear layer
+* kronfluence  ``Analyzer.fit_covariance_matrices`` (KFAC strategy, sampled labels) on a deep copy of the model;
+               it also writes its factors to disk, as it always does (pip install kronfluence; bench only)
+
+Each time is the median of ``--repeats`` runs after one warm-up; the ratios are printed side by side. The
+goal: memcurve <= 1.15x plain and faster than kronfluence. Also times the energy-threshold selector on
+4096 x 11008 spectra (goal < 1 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODELS = {
+    "vit-96x6": {"embed_dim": 96, "depth": 6, "num_heads": 3},
+    "vit-384x6": {"embed_dim": 384, "depth": 6, "num_heads": 6},
+}
+METHODS = ("plain", "memcurve", "kronfluence")
+
+
+def build(model_key: str, device: str):
+    import timm
+    import torch
+
+    from memcurve.data import NoisyLabelDataModule
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, num_classes=10, **MODELS[model_key]
+    ).to(device)
+    datamodule = NoisyLabelDataModule(source="digits", val_size=297, eval_batch_size=128)
+    datamodule.setup("fit")
+    batches = [(batch["image"].to(device), batch["label"].to(device)) for batch in datamodule.memorization_dataloader()]
+    return model, batches
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_plain(model, batches) -> None:
+    import torch.nn.functional as F
+
+    for images, labels in batches:
+        F.cross_entropy(model(images), labels).backward()
+        model.zero_grad(set_to_none=True)
+
+
+def run_memcurve(model, batches) -> None:
+    from torch import nn
+
+    from memcurve.curvature import ClassificationAdapter, collect_factors
+
+    layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    collect_factors(model, batches, layers, adapter=ClassificationAdapter(0, 1, None), reduce_across_ranks=False)
+
+
+def kronfluence_runner(model, batches, device: str):
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    class SampledClassification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            images, labels = batch
+            logits = model(images)
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits.detach().double(), -1), 1).flatten()
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+    wrapped = prepare_model(copy.deepcopy(model), SampledClassification())
+    dataset = TensorDataset(torch.cat([b[0] for b in batches]).cpu(), torch.cat([b[1] for b in batches]).cpu())
+    output_dir = tempfile.mkdtemp(prefix="kronfluence-bench-")
+    analyzer = Analyzer(
+        "bench",
+        model=wrapped,
+        task=SampledClassification(),
+        cpu=device == "cpu",
+        disable_model_save=True,
+        output_dir=output_dir,
+        disable_tqdm=True,
+    )
+    arguments = FactorArguments(strategy="kfac")
+
+    def run() -> None:
+        analyzer.fit_covariance_matrices(
+            "bench",
+            dataset,
+            per_device_batch_size=len(batches[0][0]),
+            factor_args=arguments,
+            overwrite_output_dir=True,
+        )
+
+    return run
+
+
+def measure(model_key: str, method: str, repeats: int, device: str) -> dict:
+    """Run in a fresh process: median seconds of ``repeats`` runs after a warm-up, and peak memory."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    model, batches = build(model_key, device)
+    if method == "kronfluence":
+        run = kronfluence_runner(model, batches, device)
+    else:
+        function = {"plain": run_plain, "memcurve": run_memcurve}[method]
+
+        def run() -> None:
+            function(model, batches)
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {"seconds": statistics.median(times), "peak_mib": peak, "examples": sum(len(b[0]) for b in batches)}
+
+
+def time_selector() -> float:
+    import torch
+
+    from memcurve.curvature import threshold_for_energy
+
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.rand(4096, generator=generator, dtype=torch.float64).pow(8).sort(descending=True).values
+    lam = torch.rand(11008, generator=generator, dtype=torch.float64).pow(8).sort(descending=True).values
+    threshold_for_energy(mu, lam, 0.6)
+    times = []
+    for energy in (0.5, 0.6, 0.9, 0.99, 0.999):
+        start = time.perf_counter()
+        threshold_for_energy(mu, lam, energy)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(*args.worker, args.repeats, args.device)))
+        return
+    methods = [m for m in METHODS if not (m == "kronfluence" and args.no_kronfluence)]
+    if "kronfluence" in methods:
+        try:
+            import kronfluence  # noqa: F401
+        except ImportError:
+            print("kronfluence is not installed (pip install kronfluence); measuring without it")
+            methods.remove("kronfluence")
+    import torch
+
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"median of {args.repeats} runs after a warm-up; each method in its own process"
+    )
+    header = f"{'model':<11} {'method':<12} {'seconds':>8} {'x plain':>8} {'peak MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for model_key in MODELS:
+        results = {}
+        for method in methods:
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                model_key,
+                method,
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+            ]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[method] = json.loads(output.strip().splitlines()[-1])
+            ratio = results[method]["seconds"] / results["plain"]["seconds"]
+            print(
+                f"{model_key:<11} {method:<12} {results[method]['seconds']:>8.3f} {ratio:>7.2f}x "
+                f"{results[method]['peak_mib']:>9.0f}",
+                flush=True,
+            )
+        if "kronfluence" in results:
+            speedup = results["kronfluence"]["seconds"] / results["memcurve"]["seconds"]
+            print(
+                f"{model_key:<11} memcurve is {speedup:.2f}x faster than kronfluence "
+                f"({results['memcurve']['examples']} examples x 17 tokens)"
+            )
+    print(f"threshold selector, 4096 x 11008 spectra (45M pairs): {time_selector() * 1000:.1f} ms (goal < 1000 ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,8 @@ For a tiny ViT (embed 96, depth 6) and a wider one (embed 384, depth 6), both on
 (8x8, patch 2: 17 tokens), each measured in its own subprocess so peak memory is per method:
 
 * plain        forward + mean cross-entropy + backward over all batches (the training-step baseline)
-* memcurve     ``collect_factors``: expand mode, sampled Fisher, every nn.Linear layer
+* memcurve     ``collect_factors``: expand mode, sampled Fisher, every nn.Linear layer, every token
+* memcurve_cls the same with ``position="cls"`` (CLS token only, the paper's ViT setting; head excluded)
 * kronfluence  ``Analyzer.fit_covariance_matrices`` (KFAC strategy, sampled labels) on a deep copy of the model;
                it also writes its factors to disk, as it always does (pip install kronfluence; bench only)
 
@@ -31,7 +32,7 @@ MODELS = {
     "vit-96x6": {"embed_dim": 96, "depth": 6, "num_heads": 3},
     "vit-384x6": {"embed_dim": 384, "depth": 6, "num_heads": 6},
 }
-METHODS = ("plain", "memcurve", "kronfluence")
+METHODS = ("plain", "memcurve", "memcurve_cls", "kronfluence")
 
 
 def build(model_key: str, device: str):
@@ -65,13 +66,20 @@ def run_plain(model, batches) -> None:
         model.zero_grad(set_to_none=True)
 
 
-def run_memcurve(model, batches) -> None:
+def run_memcurve(model, batches, position: str = "all") -> None:
     from torch import nn
 
     from memcurve.curvature import ClassificationAdapter, collect_factors
 
     layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    collect_factors(model, batches, layers, adapter=ClassificationAdapter(0, 1, None), reduce_across_ranks=False)
+    if position == "cls":  # the head sees one pooled vector per image, which has no CLS position
+        layers = [name for name in layers if name != "head"]
+    adapter = ClassificationAdapter(0, 1, None)
+    collect_factors(model, batches, layers, adapter=adapter, position=position, reduce_across_ranks=False)
+
+
+def run_memcurve_cls(model, batches) -> None:
+    run_memcurve(model, batches, position="cls")
 
 
 def kronfluence_runner(model, batches, device: str):
@@ -131,7 +139,7 @@ def measure(model_key: str, method: str, repeats: int, device: str) -> dict:
     if method == "kronfluence":
         run = kronfluence_runner(model, batches, device)
     else:
-        function = {"plain": run_plain, "memcurve": run_memcurve}[method]
+        function = {"plain": run_plain, "memcurve": run_memcurve, "memcurve_cls": run_memcurve_cls}[method]
 
         def run() -> None:
             function(model, batches)

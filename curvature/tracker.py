@@ -206,6 +206,32 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     raise ValueError(f"dtype={dtype!r} is not supported; choose one of {tuple(DTYPES)} (or the torch dtypes)")
 
 
+GRAM_BLOCK = 256
+
+
+def _add_gram(accumulator: Tensor, rows: Tensor) -> None:
+    """``accumulator += rowsᵀ rows``, computing only the blocks on and above the diagonal.
+
+    For a layer wider than ``GRAM_BLOCK`` this is one GEMM per block row, ``accumulator[i, i:] += rows_iᵀ
+    rows[:, i:]``, close to half the flops of the full product (measured ~35% faster at width 1152-1536);
+    the blocks below the diagonal are filled in from their mirror images when the sums are read
+    (:func:`_mirror_lower_blocks`), never accumulated.
+    """
+    width = rows.shape[1]
+    if width <= GRAM_BLOCK:
+        accumulator.addmm_(rows.T, rows)
+        return
+    for start in range(0, width, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, width)
+        accumulator[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
+
+
+def _mirror_lower_blocks(accumulator: Tensor) -> None:
+    """Complete a sum built by :func:`_add_gram`: everything below the diagonal mirrors what is above it."""
+    if accumulator.shape[0] > GRAM_BLOCK:
+        accumulator.copy_(torch.triu(accumulator) + torch.triu(accumulator, 1).T)
+
+
 class KFACTracker:
     """Context manager accumulating K-FAC sums for the named ``nn.Linear`` layers of ``model``.
 
@@ -312,6 +338,9 @@ class KFACTracker:
 
     def sums(self) -> dict[str, LayerSums]:
         """The live (unnormalised, local) accumulators, keyed by layer name."""
+        for sums in self._sums.values():
+            _mirror_lower_blocks(sums.A_sum)
+            _mirror_lower_blocks(sums.G_sum)
         return self._sums
 
     def finalize(self, reduce_across_ranks: bool = True) -> dict[str, LayerFactors]:
@@ -320,7 +349,7 @@ class KFACTracker:
         The local sums are not modified, so finalize can be called again (every rank must call it when
         ``torch.distributed`` is initialised, since it is a collective).
         """
-        sums = {name: s.clone() for name, s in self._sums.items()}
+        sums = {name: s.clone() for name, s in self.sums().items()}
         if reduce_across_ranks:
             from memcurve.curvature.distributed import all_reduce_sums  # deferred: distributed imports this module
 
@@ -359,23 +388,25 @@ class KFACTracker:
             return  # nothing will be backpropagated to this layer: skip A too, so A and G see the same samples
         a = args[0] if args else kwargs["input"]
         a3, valid = self._select(name, a.detach(), self._mask)
+        # Every position counts: no masking copies on the hot path (the common ViT case).
+        all_valid = self._mask is None and not self.drop_last_position
         sums = self._sums[name]
-        outer, count = self._outer(a3, valid, is_input=True, homogeneous=self.homogeneous(name))
-        sums.A_sum += outer
+        rows, count = self._rows(a3, valid, all_valid, is_input=True, homogeneous=self.homogeneous(name))
+        _add_gram(sums.A_sum, rows)
         sums.count_A += count
-        output.register_hook(functools.partial(self._grad_hook, name, valid))
+        output.register_hook(functools.partial(self._grad_hook, name, valid, all_valid))
         if self.record_outputs:  # strong references, released by take_outputs(): callers must take them per batch
             self._outputs.append(output)
 
-    def _grad_hook(self, name: str, valid: Tensor, grad: Tensor) -> None:
+    def _grad_hook(self, name: str, valid: Tensor, all_valid: bool, grad: Tensor) -> None:
         if not (self._open and self.enabled):
             return
         g3 = grad.detach().reshape(valid.shape[0], -1, grad.shape[-1])
         if self.position == "cls":
             g3 = g3[:, :1]
-        outer, count = self._outer(g3, valid, is_input=False, homogeneous=False)
+        rows, count = self._rows(g3, valid, all_valid, is_input=False, homogeneous=False)
         sums = self._sums[name]
-        sums.G_sum += outer
+        _add_gram(sums.G_sum, rows)
         sums.count_G += count
 
     def _select(self, name: str, a: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -408,12 +439,16 @@ class KFACTracker:
             a3, valid = a3[:, :1], valid[:, :1]
         return a3, valid
 
-    def _outer(self, x: Tensor, valid: Tensor, *, is_input: bool, homogeneous: bool) -> tuple[Tensor, Tensor]:
-        """Sum of outer products of the counted rows of ``x [B, T, D]`` and the number of samples."""
+    def _rows(
+        self, x: Tensor, valid: Tensor, all_valid: bool, *, is_input: bool, homogeneous: bool
+    ) -> tuple[Tensor, Tensor | int]:
+        """Sample rows ``R`` of ``x [B, T, D]`` (the sum of outer products is ``Rᵀ R``) and their number."""
         if x.shape[:2] != valid.shape:
             raise RuntimeError(
                 f"positions of the gradient {tuple(x.shape)} do not match the forward's {tuple(valid.shape)}"
             )
+        if all_valid and self.mode == "expand" and not homogeneous:
+            return x.reshape(-1, x.shape[-1]).to(self.dtype), x.shape[0] * x.shape[1]
         w = valid.to(self.dtype)
         # torch.where rather than a product: padded positions may hold inf/nan and must contribute exactly 0
         x = torch.where(valid[..., None], x.to(self.dtype), x.new_zeros((), dtype=self.dtype))
@@ -430,7 +465,7 @@ class KFACTracker:
                 if homogeneous:
                     rows = torch.cat([rows, (n > 0).to(self.dtype)[:, None]], dim=1)
             count = (n > 0).sum()
-        return rows.T @ rows, count
+        return rows, count
 
 
 def merge_sums(*parts: Mapping[str, LayerSums]) -> dict[str, LayerSums]:

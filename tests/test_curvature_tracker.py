@@ -19,6 +19,7 @@ from memcurve.curvature import (
     sample_targets,
     select_linear_layers,
 )
+from memcurve.curvature.tracker import GRAM_BLOCK
 
 RTOL = 1e-10  # float64: only summation order differs between the reference and the hooks
 ATOL = 1e-12
@@ -357,3 +358,22 @@ def test_bad_mask_and_position_fail_at_forward():
     tracker = KFACTracker(mlp, mlp_names)
     with tracker, pytest.raises(RuntimeError, match="cannot be entered twice"), tracker:
         pass
+
+
+def test_wide_layers_use_blocked_gram_and_still_match_the_dense_reference():
+    """Layers wider than GRAM_BLOCK accumulate only the upper blocks; the sums read back are complete and exact."""
+    torch.manual_seed(0)
+    d_in, d_out = GRAM_BLOCK + 45, 2 * GRAM_BLOCK + 9
+    model = nn.Sequential(nn.Linear(d_in, d_out)).double()
+    x = torch.randn(6, 5, d_in, dtype=torch.float64)
+    upstream = torch.randn(6, 5, d_out, dtype=torch.float64)
+    with KFACTracker(model, ["0"], dtype=torch.float64) as tracker:
+        for rows, grads in zip(x.split(2), upstream.split(2)):  # several batches: the blocks accumulate
+            model(rows).backward(grads)
+    live = tracker.sums()["0"]
+    a_rows, g_rows = x.reshape(-1, d_in), upstream.reshape(-1, d_out)
+    torch.testing.assert_close(live.A_sum, a_rows.T @ a_rows, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(live.G_sum, g_rows.T @ g_rows, rtol=1e-12, atol=1e-10)
+    factors = tracker.finalize(reduce_across_ranks=False)["0"]
+    torch.testing.assert_close(factors.A, a_rows.T @ a_rows / 30, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(factors.G, factors.G.T, rtol=0, atol=0)

@@ -1,6 +1,8 @@
 """Lightning callbacks: one callback per module, each usable on any run."""
 
 from memcurve.callbacks.kfac_factors import KFACFactors
+from memcurve.callbacks.kfac_pruning import KFACPruning
 from memcurve.callbacks.memorization_eval import MemorizationEval, evaluate_memorization
+from memcurve.callbacks.svd_pruning import SVDPruning
 
-__all__ = ["KFACFactors", "MemorizationEval", "evaluate_memorization"]
+__all__ = ["KFACFactors", "KFACPruning", "MemorizationEval", "SVDPruning", "evaluate_memorization"]

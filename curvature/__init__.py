@@ -16,6 +16,7 @@ Conventions (normalisation, modes, masks, bias, seeding, ties) are documented in
 
 from memcurve.curvature.collect import ClassificationAdapter, FisherAdapter, collect_factors
 from memcurve.curvature.distributed import all_reduce_sums, is_distributed
+from memcurve.curvature.edit import EDIT_METHODS, LayerEdit, edit_layer, edit_state_dict
 from memcurve.curvature.eigen import LayerEigen, eigendecompose, eigendecompose_layer, symmetric_eigh
 from memcurve.curvature.fisher import FISHER_TYPES, fisher_backward, fisher_loss, sample_targets
 from memcurve.curvature.selection import (
@@ -50,6 +51,7 @@ from memcurve.curvature.tracker import (
 
 __all__ = [
     "BIAS_MODES",
+    "EDIT_METHODS",
     "FISHER_TYPES",
     "MODES",
     "ON_NON_LINEAR",
@@ -58,6 +60,7 @@ __all__ = [
     "FactorFileError",
     "FisherAdapter",
     "KFACTracker",
+    "LayerEdit",
     "LayerEigen",
     "LayerFactors",
     "LayerSums",
@@ -67,6 +70,8 @@ __all__ = [
     "collect_factors",
     "compile_layer_patterns",
     "count_pairs_above",
+    "edit_layer",
+    "edit_state_dict",
     "eigendecompose",
     "eigendecompose_layer",
     "energy_fraction",

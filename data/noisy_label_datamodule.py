@@ -296,10 +296,12 @@ class NoisyLabelDataModule(pl.LightningDataModule):
             self.noise.check_matches(saved, origin="the checkpoint")
 
     # -- loaders -------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, evaluation: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, evaluation: bool, shard: bool = True
+    ) -> DataLoader:
         sampler = None
         trainer = self.trainer
-        if evaluation and trainer is not None and trainer.world_size > 1:
+        if evaluation and shard and trainer is not None and trainer.world_size > 1:
             sampler = UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(
             dataset,
@@ -321,13 +323,20 @@ class NoisyLabelDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, shuffle=True, evaluation=False)
 
     def val_dataloader(self) -> DataLoader:
-        self._require_setup()
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False, evaluation=True)
+        return self.evaluation_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def memorization_dataloader(self) -> DataLoader:
         """The whole training set in order, without augmentation: the memorization evaluation pass."""
+        return self.evaluation_dataloader("train")
+
+    def evaluation_dataloader(self, split: Literal["train", "val"], shard: bool = True) -> DataLoader:
+        """Unaugmented ``train`` or ``val`` data in order; under DDP each rank gets an unpadded shard unless
+        ``shard=False`` (one process evaluating everything, e.g. rank zero scoring a pruned checkpoint)."""
         self._require_setup()
-        return self._loader(self.train_eval_set, self.eval_batch_size, shuffle=False, evaluation=True)
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r} is not one of ('train', 'val')")
+        dataset = self.train_eval_set if split == "train" else self.val_set
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, evaluation=True, shard=shard)

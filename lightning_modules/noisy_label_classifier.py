@@ -17,12 +17,13 @@ import timm
 import timm.optim
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from memcurve.callbacks.memorization_eval import MemorizationEval
+from memcurve.callbacks.memorization_eval import MemorizationEval, evaluate_memorization
 
 __all__ = ["NoisyLabelClassifier", "warmup_cosine_factor"]
 
@@ -170,6 +171,28 @@ class NoisyLabelClassifier(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["image"]).argmax(dim=-1)
+
+    # -- evaluation outside the training loop (pruning reports) ---------------------------------------
+    @torch.no_grad()
+    def evaluation_metrics(self, datamodule: Any, shard: bool = False) -> dict[str, float]:
+        """``val/acc`` and the ``mem/`` metrics of the current weights, in eval mode, on the datamodule's
+        unaugmented validation and training sets (the numbers a before/after pruning report compares)."""
+        was_training = self.training
+        self.eval()
+        try:
+            accuracy = MulticlassAccuracy(self.num_classes, average="micro").to(self.device)
+            for batch in datamodule.evaluation_dataloader("val", shard=shard):
+                batch = move_data_to_device(batch, self.device)
+                accuracy.update(self(batch["image"]), batch["label"])
+            memorization = evaluate_memorization(self, datamodule.evaluation_dataloader("train", shard=shard))
+        finally:
+            self.train(was_training)
+        return {
+            "val/acc": float(accuracy.compute()),
+            "mem/noised_acc": memorization["noised_acc"],
+            "mem/gt_recovery": memorization["gt_recovery"],
+            "mem/clean_train_acc": memorization["clean_train_acc"],
+        }
 
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self):

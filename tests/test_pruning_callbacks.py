@@ -1,0 +1,198 @@
+"""KFACPruning / SVDPruning on real tiny runs: separate files, untouched originals, evaluation, reports, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from memcurve.callbacks import KFACFactors, KFACPruning, SVDPruning
+from memcurve.callbacks.checkpoint_pruning import main as prune_main
+from memcurve.data import NoisyLabelDataModule
+from memcurve.lightning_modules import NoisyLabelClassifier
+
+EDITED = ["model.blocks.*.mlp.fc1", "model.blocks.*.mlp.fc2"]
+CONFIG = Path(__file__).parents[1] / "configs" / "vit_digits_noisy.yaml"
+
+
+def tiny_model(tiny_vit_kwargs) -> NoisyLabelClassifier:
+    torch.manual_seed(0)
+    return NoisyLabelClassifier(
+        model_kwargs=tiny_vit_kwargs, lr=3e-3, warmup_epochs=0, memorization_eval_every_n_epochs=0
+    )
+
+
+def small_digits() -> NoisyLabelDataModule:
+    return NoisyLabelDataModule(val_size=297, subset_size=150, val_subset_size=60, batch_size=50, eval_batch_size=75)
+
+
+def fit(tmp_path: Path, model, callbacks, max_epochs: int = 2) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="run"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(save_last=True, save_top_k=-1, every_n_epochs=1), *callbacks],
+    )
+    trainer.fit(model, datamodule=small_digits())
+    return trainer
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    text = CONFIG.read_text().replace("embed_dim: 96", "embed_dim: 32").replace("depth: 6", "depth: 2")
+    text = text.replace("    augment: none", "    augment: none\n    subset_size: 150\n    val_subset_size: 60")
+    path.write_text(text.replace("num_heads: 3", "num_heads: 2"))
+    return path
+
+
+def test_kfac_pruning_writes_separate_checkpoints_and_leaves_originals_and_live_model(tmp_path, tiny_vit_kwargs):
+    model = tiny_model(tiny_vit_kwargs)
+    factors = KFACFactors(layers=EDITED, when="checkpoint", position="cls", mc_samples=2)
+    pruning = KFACPruning(layers=EDITED, energy=[0.6, 1.0], keep_fraction=0.05)
+    trainer = fit(tmp_path, model, [factors, pruning])
+    folder = Path(trainer.log_dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    pruned = {tag: folder / f"last-{tag}.ckpt" for tag in ("kfac-e0.60", "kfac-e1.00", "kfac-k0.050")}
+    assert all(path.is_file() for path in pruned.values()), sorted(p.name for p in folder.iterdir())
+    assert (folder / "epoch=0-step=3-kfac-e0.60.ckpt").is_file()  # every checkpoint gets its pruned twins
+    original = torch.load(last, weights_only=False)["state_dict"]
+    for key, value in model.state_dict().items():  # the live model is the original: pruning wrote copies only
+        assert torch.equal(value, original[key]), key
+    edited = torch.load(pruned["kfac-e0.60"], weights_only=False)
+    assert edited["memcurve_pruning"]["source"] == str(last) and edited["memcurve_pruning"]["energy"] == 0.6
+    changed = {key for key, value in edited["state_dict"].items() if not torch.equal(value, original[key])}
+    assert changed == {f"model.blocks.{b}.mlp.fc{f}.weight" for b in (0, 1) for f in (1, 2)}
+    rows = json.loads((Path(trainer.log_dir) / "pruning" / "pruning_report.json").read_text())
+    assert len(rows) == 4 * 3  # 4 saves (epoch 0, last, epoch 1, last again) x 3 specs
+    by_spec = {(row["energy"], row["keep_fraction"]): row for row in rows if row["source_checkpoint"] == str(last)}
+    # Energy 1 keeps every pair with κ > 0; 150 CLS vectors leave A and G rank-deficient, so it is no identity.
+    kept = [by_spec[spec]["kept_pairs"] for spec in ((0.6, None), (None, 0.05), (1.0, None))]
+    assert kept == sorted(kept) and kept[1] == pytest.approx(0.05 * 16384, abs=4)
+    # Pruning the same file again, standalone, never rewrites it.
+    digest = sha256(last)
+    prune_main(
+        [
+            "--config",
+            str(tiny_config(tmp_path)),
+            "--ckpt",
+            str(last),
+            "--layer-groups",
+            "model.head",
+            "--methods",
+            "svd",
+            "--energies",
+            "0.5",
+            "--save",
+            "--output-dir",
+            str(tmp_path / "again"),
+        ]
+    )
+    assert sha256(last) == digest and (folder / "last-svd-e0.50.ckpt").is_file()
+
+
+def test_pruned_checkpoint_loads_evaluates_and_matches_the_report(tmp_path, tiny_vit_kwargs):
+    pruning = KFACPruning(layers=EDITED, keep_fraction=0.02, when="fit_end", factors="latest")
+    factors = KFACFactors(layers=EDITED, when="fit_end", position="cls")
+    trainer = fit(tmp_path, tiny_model(tiny_vit_kwargs), [factors, pruning], max_epochs=1)
+    pruned_path = Path(trainer.log_dir) / "checkpoints" / "fit-end-kfac-k0.020.ckpt"
+    row = json.loads((Path(trainer.log_dir) / "pruning" / "pruning_report.json").read_text())[-1]
+    assert row["pruned_checkpoint"] == str(pruned_path) and 0 < row["kept_pairs"] < row["total_pairs"]
+    assert row["kept_pair_fraction"] == pytest.approx(0.02, abs=0.005)
+    reloaded = NoisyLabelClassifier.load_from_checkpoint(pruned_path)
+    datamodule = small_digits()
+    datamodule.setup("fit")
+    assert reloaded.evaluation_metrics(datamodule) == pytest.approx(row["after"])
+    assert set(row["before"]) == {"val/acc", "mem/noised_acc", "mem/gt_recovery", "mem/clean_train_acc"}
+    events = EventAccumulator(str(next(Path(trainer.log_dir).glob("events.out.tfevents.*"))))
+    events.Reload()
+    logged = events.Scalars("prune/kfac-kronecker/mem/noised_acc")
+    assert {(e.step, round(e.value, 6)) for e in logged} >= {(2, round(row["after"]["mem/noised_acc"], 6))}
+
+
+def test_svd_pruning_same_interface(tmp_path, tiny_vit_kwargs):
+    pruning = SVDPruning(layers=["model.blocks.1.mlp.fc2"], energy=0.5, when="fit_end", evaluate=False)
+    trainer = fit(tmp_path, tiny_model(tiny_vit_kwargs), [pruning], max_epochs=1)
+    pruned = torch.load(Path(trainer.log_dir) / "checkpoints" / "fit-end-svd-e0.50.ckpt", weights_only=False)
+    weight = pruned["state_dict"]["model.blocks.1.mlp.fc2.weight"]
+    rank = int(torch.linalg.matrix_rank(weight.double(), rtol=1e-6))
+    assert 0 < rank < min(weight.shape)
+
+
+def test_sweep_cli_reports_every_combination(tmp_path, tiny_vit_kwargs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    factors = KFACFactors(layers=EDITED, when="fit_end", position="cls", output_dir=str(tmp_path))
+    trainer = fit(tmp_path, tiny_model(tiny_vit_kwargs), [factors], max_epochs=1)
+    ckpt = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
+    rows = prune_main(
+        [
+            "--config",
+            str(tiny_config(tmp_path)),
+            "--ckpt",
+            str(ckpt),
+            "--factors",
+            str(tmp_path / "kfac-final.safetensors"),
+            "--methods",
+            "kfac-kronecker",
+            "kfac-separable",
+            "svd",
+            "--energies",
+            "0.9",
+            "--keep-fractions",
+            "0.01",
+            "--layer-groups",
+            "model.blocks.0.mlp.fc?",
+            "model.blocks.1.mlp.fc1,model.blocks.1.mlp.fc2",
+            "--output-dir",
+            str(tmp_path / "sweep"),
+        ]
+    )
+    assert len(rows) == 2 * 3 * 2
+    assert (tmp_path / "sweep" / "pruning_sweep.png").stat().st_size > 1000
+    csv_lines = (tmp_path / "sweep" / "pruning_report.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 12 and "after mem/noised_acc" in csv_lines[0]
+    assert "| unedited |" in (tmp_path / "sweep" / "pruning_table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"energy": 1.5}, ValueError, r"energy=1.5 must be in \(0, 1\]"),
+        ({"energy": 0.0}, ValueError, r"energy=0.0 must be in \(0, 1\]"),
+        ({"keep_fraction": -0.1}, ValueError, r"keep_fraction=-0.1 must be in \(0, 1\]"),
+        ({}, ValueError, r"give energy=\.\.\. .* or keep_fraction=\.\.\."),
+        ({"energy": 0.6, "mode": "diagonal"}, ValueError, r"mode='diagonal' is not supported"),
+        ({"energy": 0.6, "when": "epoch"}, ValueError, r"when='epoch' is not supported"),
+        ({"energy": 0.6, "factors": "/nope.safetensors"}, FileNotFoundError, r"factors='/nope.safetensors'"),
+        ({"energy": 0.6, "layers": []}, ValueError, r"layers=\[\] is empty"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        KFACPruning(**{"layers": EDITED, **kwargs})
+
+
+def test_layers_without_factors_and_factors_of_another_model(tmp_path, tiny_vit_kwargs):
+    factors = KFACFactors(layers=["model.blocks.0.mlp.fc1"], when="fit_end", output_dir=str(tmp_path))
+    fit(tmp_path, tiny_model(tiny_vit_kwargs), [factors], max_epochs=1)
+    path = tmp_path / "kfac-final.safetensors"
+    pruning = KFACPruning(layers=["model.blocks.1.mlp.fc1"], factors=str(path), energy=0.6, when="fit_end")
+    with pytest.raises(ValueError, match=r"model.blocks.1.mlp.fc1.*no factors"):
+        fit(tmp_path, tiny_model(tiny_vit_kwargs), [pruning], max_epochs=1)
+    other = NoisyLabelClassifier(model_kwargs={**tiny_vit_kwargs, "embed_dim": 16}, memorization_eval_every_n_epochs=0)
+    pruning = KFACPruning(layers=["model.blocks.0.mlp.fc1"], factors=str(path), energy=0.6, when="fit_end")
+    with pytest.raises(ValueError, match=r"in_features is 16 in the model, 32 in the file"):
+        fit(tmp_path, other, [pruning], max_epochs=1)

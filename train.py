@@ -15,6 +15,8 @@ import math
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from memcurve.callbacks.checkpoint_pruning import CheckpointPruning, markdown_table
+
 SUMMARY_TAGS = ("val/acc", "mem/noised_acc", "mem/gt_recovery", "mem/clean_train_acc", "train/loss")
 
 
@@ -36,6 +38,11 @@ class MemcurveCLI(LightningCLI):
         lines.append(f"  logs and checkpoints:  {log_dir}")
         if trainer.logger is not None:
             lines.append(f"  view them with:        tensorboard --logdir {trainer.logger.save_dir}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, CheckpointPruning) and callback.rows:
+                group = " ".join(callback.layers)
+                lines += ["", f"{type(callback).__name__} ({group}), before/after on the same data:"]
+                lines.append(markdown_table(callback.rows, [group] * len(callback.rows)))
         print("\n".join(lines), flush=True)
 
 

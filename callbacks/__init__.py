@@ -1,8 +1,18 @@
 """Lightning callbacks: one callback per module, each usable on any run."""
 
+from memcurve.callbacks.band_activation_probe import BandActivationProbe, ClassificationProbeAdapter, ProbeAdapter
 from memcurve.callbacks.kfac_factors import KFACFactors
 from memcurve.callbacks.kfac_pruning import KFACPruning
 from memcurve.callbacks.memorization_eval import MemorizationEval, evaluate_memorization
 from memcurve.callbacks.svd_pruning import SVDPruning
 
-__all__ = ["KFACFactors", "KFACPruning", "MemorizationEval", "SVDPruning", "evaluate_memorization"]
+__all__ = [
+    "BandActivationProbe",
+    "ClassificationProbeAdapter",
+    "KFACFactors",
+    "KFACPruning",
+    "MemorizationEval",
+    "ProbeAdapter",
+    "SVDPruning",
+    "evaluate_memorization",
+]

@@ -14,6 +14,20 @@ Nothing here imports Lightning. A typical use::
 Conventions (normalisation, modes, masks, bias, seeding, ties) are documented in each module's docstring.
 """
 
+from memcurve.curvature.bands import (
+    DEFAULT_BAND_EDGES,
+    STATISTICS,
+    BandBasis,
+    band_labels,
+    band_means,
+    band_rank_bounds,
+    check_band_edges,
+    kfac_band_counts,
+    kfac_band_thresholds,
+    sample_band_pairs,
+    sampled_band_means,
+    svd_band_counts,
+)
 from memcurve.curvature.collect import ClassificationAdapter, FisherAdapter, collect_factors
 from memcurve.curvature.distributed import all_reduce_sums, is_distributed
 from memcurve.curvature.edit import EDIT_METHODS, LayerEdit, edit_layer, edit_state_dict
@@ -51,11 +65,14 @@ from memcurve.curvature.tracker import (
 
 __all__ = [
     "BIAS_MODES",
+    "DEFAULT_BAND_EDGES",
     "EDIT_METHODS",
     "FISHER_TYPES",
     "MODES",
     "ON_NON_LINEAR",
     "POSITIONS",
+    "STATISTICS",
+    "BandBasis",
     "ClassificationAdapter",
     "FactorFileError",
     "FisherAdapter",
@@ -67,6 +84,10 @@ __all__ = [
     "StoredFactors",
     "all_reduce_sums",
     "atomic_write",
+    "band_labels",
+    "band_means",
+    "band_rank_bounds",
+    "check_band_edges",
     "collect_factors",
     "compile_layer_patterns",
     "count_pairs_above",
@@ -79,14 +100,19 @@ __all__ = [
     "fisher_loss",
     "is_distributed",
     "kappa",
+    "kfac_band_counts",
+    "kfac_band_thresholds",
     "load_factors",
     "merge_sums",
     "model_fingerprint",
     "normalize_sums",
     "pair_mask",
+    "sample_band_pairs",
     "sample_targets",
+    "sampled_band_means",
     "save_factors",
     "select_linear_layers",
+    "svd_band_counts",
     "symmetric_eigh",
     "threshold_for_energy",
     "threshold_for_keep_fraction",

@@ -650,6 +650,10 @@ class BandActivationProbe(pl.Callback):
                 trainer.logger.experiment.add_image("probe/figure", image, trainer.global_step, dataformats="HWC")
         rank_zero_info(f"memcurve: band activations of {len(self._layers)} layers written to {csv_path} and {png_path}")
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layers, when=self.when, filename=self.filename)
+
     def state_dict(self) -> dict[str, Any]:
         return {"saved_paths": list(self.saved_paths)}
 

@@ -313,6 +313,11 @@ class CheckpointPruning(pl.Callback):
             experiment.add_scalar(f"prune/{row.method}/kept_pair_fraction", row.kept_pair_fraction, spec.step)
         experiment.flush()
 
+    @property
+    def state_key(self) -> str:
+        # Several pruning callbacks (methods, layer groups) may share a Trainer: each keeps its own state.
+        return self._generate_state_key(method=self.method, layers=self.layers, specs=[s.tag for s in self.specs])
+
     def state_dict(self) -> dict[str, Any]:
         return {"rows": [asdict(row) for row in self.rows]}
 

@@ -312,6 +312,10 @@ class KFACFactors(pl.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layers, when=self.when, filename=self.filename)
+
     def state_dict(self) -> dict[str, Any]:
         return {"saved_paths": list(self.saved_paths)}
 

@@ -288,7 +288,6 @@ def _validate_probe(tmp_path: Path, tiny_vit_kwargs, factor_path: Path, devices:
     return read_csv(tmp_path / f"world{devices}" / "bands.csv")
 
 
-@pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_results(tmp_path, tiny_vit_kwargs, fc2_factors):
     single = _validate_probe(tmp_path, tiny_vit_kwargs, fc2_factors, devices=1)
     double = _validate_probe(tmp_path, tiny_vit_kwargs, fc2_factors, devices=2)

@@ -75,6 +75,7 @@ from memcurve.curvature import (
     load_factors,
     select_linear_layers,
 )
+from memcurve.curvature.arguments import check_choice, check_positive_int
 from memcurve.curvature.bands import DEFAULT_BAND_EDGES, STATISTICS, BandBasis, band_labels, check_band_edges
 from memcurve.data.noisy_label_datamodule import UnpaddedDistributedSampler
 
@@ -261,18 +262,6 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 
 
 # -- the callback ---------------------------------------------------------------------------------------
-def _choice(argument: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{argument}={value!r} is not supported; choose one of {tuple(allowed)}")
-
-
-def _positive(argument: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{argument}={value!r} must be a positive integer{' or None' if allow_none else ''}")
-
-
 @dataclass
 class _Layer:
     """What the hooks of one probed layer need."""
@@ -337,12 +326,12 @@ class BandActivationProbe(pl.Callback):
         if groups is not None:
             if isinstance(groups, str) or not groups or len(set(groups)) != len(groups):
                 raise ValueError(f"groups={groups!r} must be a non-empty list of distinct group names")
-        _choice("when", when, WHEN)
-        _positive("every_n_epochs", every_n_epochs, allow_none=False)
-        _positive("max_samples", max_samples)
-        _choice("position", position, (None, *POSITIONS))
-        _choice("statistic", statistic, STATISTICS)
-        _choice("dtype", dtype, tuple(DTYPES))
+        check_choice("when", when, WHEN)
+        check_positive_int("every_n_epochs", every_n_epochs, allow_none=False)
+        check_positive_int("max_samples", max_samples, allow_none=True)
+        check_choice("position", position, (None, *POSITIONS))
+        check_choice("statistic", statistic, STATISTICS)
+        check_choice("dtype", dtype, tuple(DTYPES))
         if adapter is not None:
             if not isinstance(adapter, ProbeAdapter):
                 raise TypeError(f"adapter must be a memcurve ProbeAdapter, not {type(adapter).__name__}")

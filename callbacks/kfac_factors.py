@@ -44,6 +44,7 @@ from memcurve.curvature import (
     select_linear_layers,
     threshold_for_energy,
 )
+from memcurve.curvature.arguments import check_choice, check_positive_int
 from memcurve.data.noisy_label_datamodule import UnpaddedDistributedSampler
 
 __all__ = ["KFACFactors", "effective_rank"]
@@ -67,18 +68,6 @@ def effective_rank(eigenvalues: torch.Tensor) -> float:
         return 0.0
     p = values[values > 0] / total
     return float(torch.exp(-(p * p.log()).sum()))
-
-
-def _choice(argument: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{argument}={value!r} is not supported; choose one of {tuple(allowed)}")
-
-
-def _positive(argument: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{argument}={value!r} must be a positive integer{' or None' if allow_none else ''}")
 
 
 class KFACFactors(pl.Callback):
@@ -138,20 +127,20 @@ class KFACFactors(pl.Callback):
     ) -> None:
         compile_layer_patterns(layers)
         if not callable(dataloader):
-            _choice("dataloader", dataloader, DATALOADERS)
-        _choice("mode", mode, MODES)
-        _choice("fisher", fisher, FISHER_TYPES)
-        _choice("position", position, POSITIONS)
-        _choice("bias", bias, BIAS_MODES)
-        _choice("when", when, WHEN)
-        _choice("dtype", dtype, ("float32", "float64"))
-        _choice("on_non_linear", on_non_linear, ON_NON_LINEAR)
-        _choice("store", store, STORE)
-        _positive("mc_samples", mc_samples, allow_none=False)
-        _positive("every_n_epochs", every_n_epochs, allow_none=False)
-        _positive("max_batches", max_batches)
-        _positive("max_samples", max_samples)
-        _positive("batch_size", batch_size)
+            check_choice("dataloader", dataloader, DATALOADERS)
+        check_choice("mode", mode, MODES)
+        check_choice("fisher", fisher, FISHER_TYPES)
+        check_choice("position", position, POSITIONS)
+        check_choice("bias", bias, BIAS_MODES)
+        check_choice("when", when, WHEN)
+        check_choice("dtype", dtype, ("float32", "float64"))
+        check_choice("on_non_linear", on_non_linear, ON_NON_LINEAR)
+        check_choice("store", store, STORE)
+        check_positive_int("mc_samples", mc_samples, allow_none=False)
+        check_positive_int("every_n_epochs", every_n_epochs, allow_none=False)
+        check_positive_int("max_batches", max_batches, allow_none=True)
+        check_positive_int("max_samples", max_samples, allow_none=True)
+        check_positive_int("batch_size", batch_size, allow_none=True)
         if fisher == "empirical" and mc_samples != 1:
             raise ValueError(
                 f"mc_samples={mc_samples}: the empirical Fisher uses the data labels; mc_samples must be 1"

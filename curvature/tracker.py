@@ -59,13 +59,15 @@ import fnmatch
 import functools
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import Self
+
+from memcurve.curvature.arguments import check_choice
 
 MODES = ("expand", "reduce")
 POSITIONS = ("all", "cls")
@@ -163,7 +165,7 @@ def select_linear_layers(model: nn.Module, patterns: str | Sequence[str], on_non
     ``nn.Linear`` is an error (naming the model's linear layers). Matched modules of other types are
     refused (``on_non_linear="error"``) or left out (``"skip"``); K-FAC here models ``nn.Linear`` only.
     """
-    _check_choice("on_non_linear", on_non_linear, ON_NON_LINEAR)
+    check_choice("on_non_linear", on_non_linear, ON_NON_LINEAR)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     matchers = compile_layer_patterns(patterns)
     modules = [(name, module) for name, module in model.named_modules() if name]
@@ -188,12 +190,6 @@ def select_linear_layers(model: nn.Module, patterns: str | Sequence[str], on_non
         names.extend(name for name in linear if name not in names)
     order = {name: i for i, (name, _) in enumerate(modules)}
     return sorted(names, key=order.__getitem__)
-
-
-def _check_choice(argument: str, value: Any, allowed: Iterable[str]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ValueError(f"{argument}={value!r} is not supported; choose one of {allowed}")
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
@@ -260,9 +256,9 @@ class KFACTracker:
         drop_last_position: bool = False,
         record_outputs: bool = False,
     ) -> None:
-        _check_choice("mode", mode, MODES)
-        _check_choice("position", position, POSITIONS)
-        _check_choice("bias", bias, BIAS_MODES)
+        check_choice("mode", mode, MODES)
+        check_choice("position", position, POSITIONS)
+        check_choice("bias", bias, BIAS_MODES)
         if isinstance(layer_names, str):
             raise TypeError(f"layer_names must be a sequence of module names, not the string {layer_names!r}")
         if len(layer_names) == 0:

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from memcurve.curvature.arguments import check_positive_int
 from memcurve.data.label_noise import LabelNoise, make_symmetric_noise, seeded_rng
 from memcurve.data.sources import SOURCES, ImageSplits, load_image_source, source_info
 
@@ -84,13 +85,6 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer{' or None' if allow_none else ''}")
-
-
 class NoisyLabelDataModule(pl.LightningDataModule):
     """Image classification data with symmetric label noise on the training split.
 
@@ -146,11 +140,11 @@ class NoisyLabelDataModule(pl.LightningDataModule):
             raise ValueError(f"noise_fraction={noise_fraction!r} must be a number in [0, 1)")
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment={augment!r} is not one of {AUGMENTATIONS}")
-        _check_positive("batch_size", batch_size)
-        _check_positive("eval_batch_size", eval_batch_size)
-        _check_positive("subset_size", subset_size, allow_none=True)
-        _check_positive("val_subset_size", val_subset_size, allow_none=True)
-        _check_positive("image_size", image_size, allow_none=True)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("eval_batch_size", eval_batch_size)
+        check_positive_int("subset_size", subset_size, allow_none=True)
+        check_positive_int("val_subset_size", val_subset_size, allow_none=True)
+        check_positive_int("image_size", image_size, allow_none=True)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} must be a non-negative integer")
         if not isinstance(shift_pixels, int) or shift_pixels < 0:

@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from memcurve.callbacks.kfac_factors import KFACFactors
+from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
 from memcurve.curvature import (
     POSITIONS,
     LayerEigen,
@@ -81,7 +82,6 @@ from memcurve.data.noisy_label_datamodule import UnpaddedDistributedSampler
 
 __all__ = ["BandActivationProbe", "ClassificationProbeAdapter", "ProbeAdapter", "plot_band_activations"]
 
-WHEN = ("fit_end", "every_n_epochs", "checkpoint", "validate")
 BASES = ("kfac", "svd")
 BASIS_TITLES = {"kfac": "K-FAC eigenbasis (bands of κ = μλ)", "svd": "SVD of W (bands of singular values)"}
 AXIS_LABELS = {
@@ -271,7 +271,7 @@ class _Layer:
     homogeneous: bool
 
 
-class BandActivationProbe(pl.Callback):
+class BandActivationProbe(ScheduledAnalysis):
     """Mean activation of K-FAC curvature bands (and SVD bands) per layer and example group.
 
     Args:
@@ -410,23 +410,15 @@ class BandActivationProbe(pl.Callback):
             "trainer's callbacks; add one or pass the path of a factor file"
         )
 
-    # -- thin hooks -----------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "fit_end":
-            self.probe(trainer, pl_module)
+    # -- when it runs (hooks in ScheduledAnalysis) -----------------------------------------------------
+    checkpoint_key = "band_activation_probe"
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "every_n_epochs" and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.probe(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Path, Path, str]:
+        return self.probe(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if self.when == "checkpoint":
-            csv_path, png_path, factors = self.probe(trainer, pl_module)
-            checkpoint["band_activation_probe"] = {"csv": str(csv_path), "png": str(png_path), "factors": factors}
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "validate" and trainer.state.fn == "validate" and not trainer.sanity_checking:
-            self.probe(trainer, pl_module)
+    def checkpoint_record(self, result: tuple[Path, Path, str]) -> dict[str, Any]:
+        csv_path, png_path, factors = result
+        return {"csv": str(csv_path), "png": str(png_path), "factors": factors}
 
     # -- the work -------------------------------------------------------------------------------------
     def factor_path(self, trainer: pl.Trainer) -> str:

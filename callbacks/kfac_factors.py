@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
 from memcurve.curvature import (
     BIAS_MODES,
     FISHER_TYPES,
@@ -49,7 +50,6 @@ from memcurve.data.noisy_label_datamodule import UnpaddedDistributedSampler
 
 __all__ = ["KFACFactors", "effective_rank"]
 
-WHEN = ("fit_end", "every_n_epochs", "checkpoint", "validate")
 DATALOADERS = ("train", "val")
 STORE = ("eigen", "factors")
 DEFAULT_FILENAMES = {
@@ -70,7 +70,7 @@ def effective_rank(eigenvalues: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-class KFACFactors(pl.Callback):
+class KFACFactors(ScheduledAnalysis):
     """Collect and store K-FAC factors (A = E[a aᵀ], G = E[g gᵀ]) of the layers matching ``layers``.
 
     Args:
@@ -179,23 +179,14 @@ class KFACFactors(pl.Callback):
             self.adapter = make_adapter() if callable(make_adapter) else ClassificationAdapter()
         rank_zero_info(f"memcurve: K-FAC factors for {len(self.layer_names)} layers ({self.when}): {self.layer_names}")
 
-    # -- thin hooks ------------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "fit_end":
-            self.collect(trainer, pl_module)
+    # -- when it runs (hooks in ScheduledAnalysis) -----------------------------------------------------
+    checkpoint_key = "kfac_factors"
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "every_n_epochs" and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.collect(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
+        return self.collect(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        if self.when == "checkpoint":
-            path = self.collect(trainer, pl_module)
-            checkpoint["kfac_factors"] = {"path": str(path), "layers": list(self.layer_names)}
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "validate" and trainer.state.fn == "validate" and not trainer.sanity_checking:
-            self.collect(trainer, pl_module)
+    def checkpoint_record(self, result: Path) -> dict[str, Any]:
+        return {"path": str(result), "layers": list(self.layer_names)}
 
     # -- the work --------------------------------------------------------------------------------------
     def factor_dataloader(self, trainer: pl.Trainer) -> DataLoader:

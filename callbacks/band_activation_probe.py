@@ -57,7 +57,6 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import Tensor, nn
@@ -69,10 +68,10 @@ from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
 from memcurve.curvature import (
     POSITIONS,
     LayerEigen,
+    all_reduce_tensors,
     atomic_write,
     compile_layer_patterns,
     eigendecompose_layer,
-    is_distributed,
     load_factors,
     select_linear_layers,
 )
@@ -561,7 +560,7 @@ class BandActivationProbe(ScheduledAnalysis):
                 handle.remove()
             self._batch, self._mask = {}, None
             pl_module.train(was_training)
-        sums, squares, counts = _all_reduce(sums, squares, counts)
+        sums, squares, counts = all_reduce_tensors(sums, squares, counts)
         rows = self.results(names, sums.cpu(), squares.cpu(), counts.cpu())
         self.last_results = rows
         csv_path, png_path = self.output_paths(trainer)
@@ -630,36 +629,3 @@ class BandActivationProbe(ScheduledAnalysis):
             if isinstance(trainer.logger, TensorBoardLogger):
                 trainer.logger.experiment.add_image("probe/figure", image, trainer.global_step, dataformats="HWC")
         rank_zero_info(f"memcurve: band activations of {len(self._layers)} layers written to {csv_path} and {png_path}")
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(layers=self.layers, when=self.when, filename=self.filename)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"saved_paths": list(self.saved_paths)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.saved_paths = list(state_dict.get("saved_paths", []))
-
-
-def _all_reduce(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Sum the tensors over all ranks (one collective; any backend; a no-op on a single process).
-
-    NCCL communicates CUDA tensors, gloo CPU tensors, any other backend the tensors where they are.
-    """
-    if not is_distributed():
-        return tensors
-    backend = str(dist.get_backend()).lower()
-    if backend == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif backend == "gloo":
-        device = torch.device("cpu")
-    else:
-        device = tensors[0].device
-    flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, start = [], 0
-    for t in tensors:
-        out.append(flat[start : start + t.numel()].reshape(t.shape).to(t.device))
-        start += t.numel()
-    return tuple(out)

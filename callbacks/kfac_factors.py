@@ -292,16 +292,6 @@ class KFACFactors(ScheduledAnalysis):
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(layers=self.layers, when=self.when, filename=self.filename)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"saved_paths": list(self.saved_paths)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.saved_paths = list(state_dict.get("saved_paths", []))
-
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Collect factors for a finished checkpoint: the config gives model and data, the checkpoint the weights."""

@@ -22,6 +22,9 @@ class ScheduledAnalysis(pl.Callback):
     when: str = "fit_end"
     every_n_epochs: int = 1
     checkpoint_key: str = "analysis"
+    layers: list[str] | None = None
+    filename: str = ""
+    saved_paths: list[str]  # files written so far (the newest last), kept in the Trainer's checkpoints
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         raise NotImplementedError
@@ -45,3 +48,14 @@ class ScheduledAnalysis(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "validate" and trainer.state.fn == "validate" and not trainer.sanity_checking:
             self.run(trainer, pl_module)
+
+    # Several analyses may share a Trainer: each keeps its own state.
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=self.layers, when=self.when, filename=self.filename)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved_paths": list(self.saved_paths)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved_paths = list(state_dict.get("saved_paths", []))

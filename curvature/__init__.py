@@ -29,7 +29,7 @@ from memcurve.curvature.bands import (
     svd_band_counts,
 )
 from memcurve.curvature.collect import ClassificationAdapter, FisherAdapter, collect_factors
-from memcurve.curvature.distributed import all_reduce_sums, is_distributed
+from memcurve.curvature.distributed import all_reduce_sums, all_reduce_tensors, is_distributed
 from memcurve.curvature.edit import EDIT_METHODS, LayerEdit, edit_layer, edit_state_dict
 from memcurve.curvature.eigen import LayerEigen, eigendecompose, eigendecompose_layer, symmetric_eigh
 from memcurve.curvature.fisher import FISHER_TYPES, fisher_backward, fisher_loss, sample_targets
@@ -83,6 +83,7 @@ __all__ = [
     "LayerSums",
     "StoredFactors",
     "all_reduce_sums",
+    "all_reduce_tensors",
     "atomic_write",
     "band_labels",
     "band_means",

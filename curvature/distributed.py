@@ -70,3 +70,20 @@ def all_reduce_sums(sums: Mapping[str, LayerSums], group: dist.ProcessGroup | No
         s.count_A = counts[2 * i].to(s.count_A.device)
         s.count_G = counts[2 * i + 1].to(s.count_G.device)
     return out
+
+
+def all_reduce_tensors(*tensors: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, ...]:
+    """Sum the tensors over all ranks in one collective (any backend; a no-op on a single process).
+
+    Returns new tensors on the devices of the inputs; every rank must call this collectively.
+    """
+    if not is_distributed() or not tensors:
+        return tensors
+    device = _comm_device(tensors[0], group)
+    flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].reshape(t.shape).to(t.device))
+        start += t.numel()
+    return tuple(out)

@@ -34,7 +34,8 @@ from memcurve.callbacks.checkpoint_pruning import (
     load_for_pruning,
     report_columns,
 )
-from memcurve.curvature import atomic_write, select_linear_layers
+from memcurve.curvature import select_linear_layers
+from memcurve.utils.files import atomic_write
 
 __all__ = ["METHOD_ALIASES", "comparison_rows", "comparison_table", "main", "parse_methods"]
 

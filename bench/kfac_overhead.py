@@ -69,7 +69,8 @@ def run_plain(model, batches) -> None:
 def run_memcurve(model, batches, position: str = "all") -> None:
     from torch import nn
 
-    from memcurve.curvature import ClassificationAdapter, collect_factors
+    from memcurve.adapters import ClassificationAdapter
+    from memcurve.curvature import collect_factors
 
     layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if position == "cls":  # the head sees one pooled vector per image, which has no CLS position

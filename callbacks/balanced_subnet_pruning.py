@@ -37,7 +37,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from memcurve.callbacks.checkpoint_pruning import CheckpointPruning, PruningRow, PruningSpec
-from memcurve.curvature.arguments import check_positive_int
 from memcurve.curvature.balanced_subnet import (
     BSN_METHOD,
     SCORE_INITS,
@@ -46,6 +45,7 @@ from memcurve.curvature.balanced_subnet import (
     mask_edits,
     train_balanced_subnet,
 )
+from memcurve.utils.arguments import check_positive_int
 
 __all__ = ["BalancedSubnetPruning"]
 

@@ -52,7 +52,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -63,22 +63,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from memcurve.adapters import ClassificationProbeAdapter, ProbeAdapter
 from memcurve.callbacks.kfac_factors import KFACFactors
 from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
 from memcurve.curvature import (
     POSITIONS,
     LayerEigen,
-    all_reduce_tensors,
-    atomic_write,
     compile_layer_patterns,
     eigendecompose_layer,
     load_factors,
     select_linear_layers,
 )
-from memcurve.curvature.arguments import check_choice, check_positive_int
 from memcurve.curvature.bands import DEFAULT_BAND_EDGES, STATISTICS, BandBasis, band_labels, check_band_edges
 from memcurve.curvature.layers import as_out_in, linear_shape, weight_layout
-from memcurve.data.noisy_label_datamodule import unpadded_shard_sampler
+from memcurve.utils.arguments import check_choice, check_positive_int
+from memcurve.utils.distributed import all_reduce_tensors
+from memcurve.utils.files import atomic_write
+from memcurve.utils.sampling import unpadded_shard_sampler
 
 __all__ = ["BandActivationProbe", "ClassificationProbeAdapter", "ProbeAdapter", "plot_band_activations"]
 
@@ -100,82 +101,6 @@ _CHUNK_ELEMENTS = 1 << 24  # bounds the [rows, directions] projection temporarie
 
 
 # -- adapters: how a model is fed and its examples grouped ----------------------------------------------
-class ProbeAdapter:
-    """How the probe runs a model and sorts examples into groups. Subclass for other models and batches.
-
-    Attributes:
-        groups: every group this adapter can form, in display order.
-        contrast: ``(memorized, reference)`` groups whose relative difference the figure annotates, or None.
-    """
-
-    groups: ClassVar[tuple[str, ...]] = ()
-    contrast: ClassVar[tuple[str, str] | None] = None
-
-    def passes(self, trainer: pl.Trainer, groups: Sequence[str]) -> list[tuple[str, DataLoader]]:
-        """``(pass name, loader)`` for the data passes ``groups`` need; eval loaders, sharded without padding."""
-        raise NotImplementedError
-
-    def forward(self, model: nn.Module, batch: Any) -> None:
-        """Run ``model`` on a batch already on its device (outputs are unused; hooks read the layer inputs)."""
-        raise NotImplementedError
-
-    def batch_groups(self, pass_name: str, batch: Any) -> Mapping[str, Tensor]:
-        """Boolean ``[B]`` membership per group of the batch's examples (an example may be in no group)."""
-        raise NotImplementedError
-
-    def position_mask(self, batch: Any) -> Tensor | None:
-        """Boolean ``[B, T]`` of real (non-padding) positions, or None when every position is real."""
-        return None
-
-
-def _datamodule_or_module(trainer: pl.Trainer) -> Any:
-    return trainer.datamodule if trainer.datamodule is not None else trainer.lightning_module
-
-
-@dataclass
-class ClassificationProbeAdapter(ProbeAdapter):
-    """Noisy-label classification: ``noised`` / ``clean`` training examples and ``val`` examples.
-
-    The training groups come from ``memorization_dataloader()`` (the whole training set, unaugmented, in
-    order) split by ``batch[noised_key]``; ``val`` from ``val_dataloader()``. The model is called on
-    ``batch[input_key]``.
-    """
-
-    groups: ClassVar[tuple[str, ...]] = ("noised", "clean", "val")
-    contrast: ClassVar[tuple[str, str] | None] = ("noised", "clean")
-    input_key: str | int = "image"
-    noised_key: str | int = "is_noised"
-
-    def passes(self, trainer: pl.Trainer, groups: Sequence[str]) -> list[tuple[str, DataLoader]]:
-        source = _datamodule_or_module(trainer)
-        out = []
-        if "noised" in groups or "clean" in groups:
-            make = getattr(source, "memorization_dataloader", None)
-            if not callable(make):
-                raise ValueError(
-                    "groups 'noised'/'clean' need a datamodule with memorization_dataloader() (e.g. "
-                    f"memcurve.data.NoisyLabelDataModule); got {type(source).__name__}"
-                )
-            out.append(("train", make()))
-        if "val" in groups:
-            loader = source.val_dataloader()
-            out.append(("val", loader[0] if isinstance(loader, (list, tuple)) else loader))
-        return out
-
-    def forward(self, model: nn.Module, batch: Any) -> None:
-        model(batch[self.input_key])
-
-    def batch_groups(self, pass_name: str, batch: Any) -> dict[str, Tensor]:
-        if pass_name == "val":
-            return {"val": torch.ones(len(batch[self.input_key]), dtype=torch.bool)}
-        try:
-            noised = torch.as_tensor(batch[self.noised_key]).bool()
-        except (KeyError, IndexError, TypeError) as error:
-            raise KeyError(
-                f"training batches need {self.noised_key!r} to form the noised/clean groups; "
-                "configure ClassificationProbeAdapter(noised_key=...)"
-            ) from error
-        return {"noised": noised, "clean": ~noised}
 
 
 # -- the figure -----------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from memcurve.curvature import LayerEdit, atomic_write, compile_layer_patterns
+from memcurve.curvature import LayerEdit, compile_layer_patterns
+from memcurve.utils.files import atomic_write
 
 __all__ = [
     "CheckpointPruning",

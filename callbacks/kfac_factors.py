@@ -9,7 +9,7 @@ reduced (any backend, gloo included) and only global rank zero decomposes and wr
 
 At scale (``sharded=True``; OLMo-2 1B/7B under ``strategy="ddp"`` or ``"fsdp"``): each layer's sums are reduced
 to one owning rank (largest layers first, to the least-loaded rank), the owner eigendecomposes them and writes
-its own shard, and rank zero writes ``<stem>.index.json`` (see :mod:`memcurve.curvature.sharded`); the pruning
+its own shard, and rank zero writes ``<stem>.index.json`` (see :mod:`memcurve.curvature.sharded_storage`); the pruning
 and probe callbacks read the index like a single file, loading layers on first access. Before the pass a memory
 plan (per layer: A and G sums, results; per rank: collect / owner / host memory) is printed and checked against
 ``memory_budget_gb``; ``separate_passes`` and ``offload_to_cpu`` lower the device peak. After it, tokens/s and
@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from memcurve.adapters import ClassificationAdapter, FisherAdapter
 from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
 from memcurve.curvature import (
     BIAS_MODES,
@@ -49,8 +50,6 @@ from memcurve.curvature import (
     MODES,
     ON_NON_LINEAR,
     POSITIONS,
-    ClassificationAdapter,
-    FisherAdapter,
     LayerEigen,
     LayerFactors,
     LayerSums,
@@ -61,17 +60,14 @@ from memcurve.curvature import (
     select_linear_layers,
     threshold_for_energy,
 )
-from memcurve.curvature.arguments import check_choice, check_positive_int
-from memcurve.curvature.distributed import _comm_device, is_distributed
+from memcurve.curvature.collect import collect_sums
+from memcurve.curvature.layers import layer_dims
 from memcurve.curvature.memory_plan import MemoryPlan, format_bytes, plan_memory
-from memcurve.curvature.sharded import (
-    assign_owners,
-    collect_sums,
-    layer_dims,
-    reduce_to_owners,
-    save_sharded_factors,
-)
-from memcurve.data.noisy_label_datamodule import unpadded_shard_sampler
+from memcurve.curvature.owners import assign_owners, reduce_to_owners
+from memcurve.curvature.sharded_storage import save_sharded_factors
+from memcurve.utils.arguments import check_choice, check_positive_int
+from memcurve.utils.distributed import comm_device, is_distributed
+from memcurve.utils.sampling import unpadded_shard_sampler
 
 __all__ = ["KFACFactors", "effective_rank"]
 
@@ -266,7 +262,7 @@ class KFACFactors(ScheduledAnalysis):
         self.memory_plan.check(self.memory_budget_gb)
 
     def owners(self, world_size: int) -> dict[str, int]:
-        """``{layer: rank}``: balanced owners when sharded (:func:`~memcurve.curvature.sharded.assign_owners`),
+        """``{layer: rank}``: balanced owners when sharded (:func:`~memcurve.curvature.owners.assign_owners`),
         else global rank zero for every layer."""
         if not self.sharded:
             return dict.fromkeys(self.layer_names, 0)
@@ -618,7 +614,7 @@ class Throughput:
         world_size = 1
         if is_distributed():
             world_size = dist.get_world_size()
-            device = _comm_device(torch.zeros(()), None)
+            device = comm_device(torch.zeros(()), None)
             total = torch.tensor([count], dtype=torch.float64, device=device)
             dist.all_reduce(total)
             maxima = torch.tensor([seconds, eigh_seconds, peak, -has_tokens], dtype=torch.float64, device=device)

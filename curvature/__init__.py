@@ -13,8 +13,13 @@ Nothing here imports Lightning. A typical use::
 
 At scale (``sharded``): every rank accumulates with ``collect_sums``, ``reduce_to_owners`` sends each layer to one
 owning rank (``assign_owners``), owners eigendecompose and ``save_sharded_factors`` writes per-rank shards plus an
-index that ``load_factors`` reads lazily; ``plan_memory`` sizes it all beforehand. ``hf_edit`` applies the edits
-to a HF model folder or a Lightning checkpoint layer by layer.
+index that ``load_factors`` reads lazily; ``plan_memory`` sizes it all beforehand.
+
+Modules: ``sums`` (accumulators, normalisation, cross-rank sum), ``tracker`` (hooks), ``fisher`` (targets),
+``collect`` (the factor pass), ``owners`` (one owning rank per layer), ``eigen``, ``selection``, ``edit``,
+``bands``, ``balanced_subnet``, ``factor_file`` / ``sharded_storage`` / ``storage`` (formats and the reader),
+``memory_plan``, ``layers`` (linear-layer shapes, layouts and names). Nothing here imports Lightning or
+transformers; the HF and checkpoint integration lives in :mod:`memcurve.editing`.
 
 Conventions (normalisation, modes, masks, bias, seeding, ties) are documented in each module's docstring.
 """
@@ -43,12 +48,12 @@ from memcurve.curvature.bands import (
     sampled_band_means,
     svd_band_counts,
 )
-from memcurve.curvature.collect import ClassificationAdapter, FisherAdapter, collect_factors
-from memcurve.curvature.distributed import all_reduce_sums, all_reduce_tensors, is_distributed
+from memcurve.curvature.collect import collect_factors, collect_sums
 from memcurve.curvature.edit import EDIT_METHODS, LayerEdit, edit_layer, edit_state_dict
 from memcurve.curvature.eigen import LayerEigen, eigendecompose, eigendecompose_layer, symmetric_eigh
 from memcurve.curvature.fisher import FISHER_TYPES, fisher_backward, fisher_loss, sample_targets
 from memcurve.curvature.memory_plan import MemoryPlan, MemoryPlanError, plan_memory
+from memcurve.curvature.owners import assign_owners, reduce_to_owners
 from memcurve.curvature.selection import (
     count_pairs_above,
     energy_fraction,
@@ -57,33 +62,22 @@ from memcurve.curvature.selection import (
     threshold_for_energy,
     threshold_for_keep_fraction,
 )
-from memcurve.curvature.sharded import (
-    ShardedLayers,
-    assign_owners,
-    collect_sums,
-    load_sharded_factors,
-    reduce_to_owners,
-    save_sharded_factors,
-)
+from memcurve.curvature.sharded_storage import ShardedLayers, load_sharded_factors, save_sharded_factors
 from memcurve.curvature.storage import (
     FactorFileError,
     StoredFactors,
-    atomic_write,
     load_factors,
     model_fingerprint,
     save_factors,
 )
+from memcurve.curvature.sums import LayerFactors, LayerSums, all_reduce_sums, merge_sums, normalize_sums
 from memcurve.curvature.tracker import (
     BIAS_MODES,
     MODES,
     ON_NON_LINEAR,
     POSITIONS,
     KFACTracker,
-    LayerFactors,
-    LayerSums,
     compile_layer_patterns,
-    merge_sums,
-    normalize_sums,
     select_linear_layers,
 )
 
@@ -99,9 +93,7 @@ __all__ = [
     "STATISTICS",
     "BalancedSubnetResult",
     "BandBasis",
-    "ClassificationAdapter",
     "FactorFileError",
-    "FisherAdapter",
     "KFACTracker",
     "LayerEdit",
     "LayerEigen",
@@ -113,10 +105,8 @@ __all__ = [
     "ShardedLayers",
     "StoredFactors",
     "all_reduce_sums",
-    "all_reduce_tensors",
     "apply_masks",
     "assign_owners",
-    "atomic_write",
     "band_labels",
     "band_means",
     "band_rank_bounds",
@@ -132,7 +122,6 @@ __all__ = [
     "energy_fraction",
     "fisher_backward",
     "fisher_loss",
-    "is_distributed",
     "kappa",
     "kfac_band_counts",
     "kfac_band_thresholds",

@@ -16,79 +16,19 @@ sequential loader sharded round-robin without padding (``UnpaddedDistributedSamp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from memcurve.curvature.tracker import LayerFactors
+from memcurve.adapters import ClassificationAdapter, FisherAdapter
+from memcurve.curvature.fisher import FISHER_TYPES, fisher_backward
+from memcurve.curvature.layers import _CleanNames, linear_shape, named_linear_modules
+from memcurve.curvature.sums import FACTORS, LayerFactors, LayerSums, all_reduce_sums
+from memcurve.curvature.tracker import KFACTracker
+from memcurve.utils.distributed import rank_and_world
 
-__all__ = ["ClassificationAdapter", "FisherAdapter", "collect_factors"]
-
-
-class FisherAdapter:
-    """How the factor pass reads a batch. Override the methods for other batch layouts or models.
-
-    ``drop_last_position``: the default of ``KFACFactors(drop_last_position=None)`` (True for causal LMs, whose
-    last position has no next-token target).
-    """
-
-    drop_last_position: bool = False
-
-    def logits(self, model: nn.Module, batch: Any) -> Tensor:
-        """Model outputs ``[B, C]`` or ``[B, T, C]`` whose softmax is the predictive distribution."""
-        raise NotImplementedError
-
-    def labels(self, batch: Any) -> Tensor:
-        """Data targets (empirical Fisher), shaped like ``logits.shape[:-1]``."""
-        raise NotImplementedError
-
-    def example_index(self, batch: Any) -> Tensor | None:
-        """Global example indices ``[B]`` (seeding of the sampled Fisher); None to count examples instead."""
-        return None
-
-    def position_mask(self, batch: Any) -> Tensor | None:
-        """Boolean ``[B, T]`` of positions the tracked layers should count (None: all)."""
-        return None
-
-    def loss_mask(self, batch: Any) -> Tensor | None:
-        """Boolean mask over ``logits.shape[:-1]`` of positions that carry a loss (None: all)."""
-        return None
-
-
-def _get(batch: Any, key: str | int) -> Any:
-    try:
-        return batch[key]
-    except (KeyError, IndexError, TypeError) as error:
-        keys = list(batch) if isinstance(batch, Mapping) else f"a {type(batch).__name__} of length {len(batch)}"
-        raise KeyError(f"batch has no entry {key!r} (it has {keys}); configure the adapter's keys") from error
-
-
-@dataclass
-class ClassificationAdapter(FisherAdapter):
-    """Classifier batches: dicts (``image``/``label``/``index``, memcurve's noisy-label batches) or tuples.
-
-    Set ``index_key=None`` for batches without example indices.
-    """
-
-    input_key: str | int = "image"
-    label_key: str | int = "label"
-    index_key: str | int | None = "index"
-
-    def logits(self, model: nn.Module, batch: Any) -> Tensor:
-        return model(_get(batch, self.input_key))
-
-    def labels(self, batch: Any) -> Tensor:
-        return _get(batch, self.label_key)
-
-    def example_index(self, batch: Any) -> Tensor | None:
-        if self.index_key is None:
-            return None
-        if isinstance(batch, Mapping) and self.index_key not in batch:
-            return None
-        return _get(batch, self.index_key)
+__all__ = ["ScaleTracker", "collect_factors", "collect_sums"]
 
 
 def _normal_tensors(batch: Any) -> Any:
@@ -102,10 +42,153 @@ def _normal_tensors(batch: Any) -> Any:
     return batch
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class ScaleTracker(KFACTracker):
+    """A :class:`KFACTracker` that can keep its sums on the CPU and track only ``A`` or only ``G``.
+
+    ``offload_to_cpu``: sums (and counts) live in host memory; each batch's sample rows are copied to the CPU
+    and the Gram products ``RᵀR`` run there (a CPU GEMM per layer and batch: slow next to a GPU for wide
+    layers — it trades time for device memory). ``factors=("A",)`` or ``("G",)``: the other factor is not
+    accumulated (a 0 x 0 placeholder; its count still is, so two passes can be checked against each other).
+    Layer names may be clean names of a wrapped model (FSDP).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_names: Sequence[str],
+        *,
+        factors: Sequence[str] = FACTORS,
+        offload_to_cpu: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        factors = tuple(factors)
+        if not factors or any(f not in FACTORS for f in factors):
+            raise ValueError(f"factors={factors!r} must be a non-empty subset of {FACTORS}")
+        self.tracked = factors
+        self.offload_to_cpu = bool(offload_to_cpu)
+        super().__init__(_CleanNames(model), layer_names, **kwargs)
+
+    def reset(self) -> None:
+        for name, module in self.modules.items():
+            dev = torch.device("cpu") if self.offload_to_cpu else module.weight.device
+            in_features, out_features = linear_shape(module)
+            d_in = in_features + int(self.homogeneous(name))
+            d_a = d_in if "A" in self.tracked else 0
+            d_g = out_features if "G" in self.tracked else 0
+            zero = torch.zeros((), dtype=torch.int64, device=dev)
+            self._sums[name] = LayerSums(
+                torch.zeros(d_a, d_a, dtype=self.dtype, device=dev),
+                torch.zeros(d_g, d_g, dtype=self.dtype, device=dev),
+                zero.clone(),
+                zero.clone(),
+            )
+
+    def _rows(
+        self, x: Tensor, valid: Tensor, all_valid: bool, *, is_input: bool, homogeneous: bool
+    ) -> tuple[Tensor, Tensor | int]:
+        if ("A" if is_input else "G") not in self.tracked:  # count only (as the parent counts); a free 0 x 0 product
+            if self.mode == "expand":
+                count = x.shape[0] * x.shape[1] if all_valid else valid.sum()
+            else:
+                count = (valid.sum(dim=1) > 0).sum()
+            rows = x.new_zeros((1, 0), dtype=self.dtype)
+        else:
+            rows, count = super()._rows(x, valid, all_valid, is_input=is_input, homogeneous=homogeneous)
+        if self.offload_to_cpu:
+            rows = rows.to("cpu")
+            count = count.to("cpu") if isinstance(count, Tensor) else count
+        return rows, count
+
+
+def collect_sums(
+    model: nn.Module,
+    batches: Iterable[Any],
+    layer_names: Sequence[str],
+    *,
+    adapter: FisherAdapter | None = None,
+    fisher_type: str = "sampled",
+    mc_samples: int = 1,
+    seed: int = 0,
+    mode: str = "expand",
+    position: str = "all",
+    bias: str = "exclude",
+    dtype: torch.dtype | str = torch.float32,
+    drop_last_position: bool = False,
+    max_batches: int | None = None,
+    to_device: Callable[[Any], Any] | None = None,
+    factors: Sequence[str] = FACTORS,
+    offload_to_cpu: bool = False,
+    forward_module: Callable[..., Any] | None = None,
+) -> dict[str, LayerSums]:
+    """This rank's UNREDUCED K-FAC sums ``{layer: LayerSums}`` (the pass of :func:`collect_factors`).
+
+    Same pass as :func:`memcurve.curvature.collect_factors` — eval mode, Fisher targets seeded by example
+    index, backward to the layer outputs only, train mode and ``requires_grad`` restored — but it returns the
+    local sums for :func:`reduce_to_owners`, and: ``factors=("A",)`` runs forwards only (no Fisher targets, no
+    backward), ``("G",)`` accumulates G only; ``offload_to_cpu`` keeps the sums in host memory;
+    ``forward_module`` is what the adapter calls for the logits (default ``model``; under FSDP the root
+    wrapper, see ``KFACFactors``). Layer names are clean names (wrapper segments removed).
+    """
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"fisher_type={fisher_type!r} is not supported; choose one of {FISHER_TYPES}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples={mc_samples!r} must be an integer >= 1")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches={max_batches!r} must be a positive integer or None")
+    adapter = adapter or ClassificationAdapter()
+    backward = "G" in tuple(factors)
+    modules = named_linear_modules(model)
+    weights = [modules[name].weight for name in layer_names if name in modules]
+    requires_grad = [weight.requires_grad for weight in weights]
+    was_training = model.training
+    rank, world_size = rank_and_world()
+    caller = forward_module if forward_module is not None else model
+    model.eval()
+    try:
+        for weight in weights:
+            weight.requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad():
+            tracker = ScaleTracker(
+                model,
+                layer_names,
+                factors=factors,
+                offload_to_cpu=offload_to_cpu,
+                mode=mode,
+                position=position,
+                bias=bias,
+                dtype=dtype,
+                drop_last_position=drop_last_position,
+                record_outputs=backward,
+            )
+            with tracker:
+                seen = 0
+                for step, batch in enumerate(batches):
+                    if max_batches is not None and step >= max_batches:
+                        break
+                    batch = _normal_tensors(to_device(batch) if to_device is not None else batch)
+                    tracker.set_mask(adapter.position_mask(batch))
+                    logits = adapter.logits(caller, batch)
+                    if not backward:
+                        continue  # A only: the forward hooks did the work
+                    index = adapter.example_index(batch)
+                    if index is None:
+                        index = rank + world_size * (seen + torch.arange(logits.shape[0]))
+                    seen += logits.shape[0]
+                    fisher_backward(
+                        logits,
+                        fisher_type=fisher_type,
+                        labels=adapter.labels(batch) if fisher_type == "empirical" else None,
+                        seed=seed,
+                        example_index=index,
+                        mc_samples=mc_samples,
+                        mask=adapter.loss_mask(batch),
+                        inputs=tracker.take_outputs(),
+                    )
+            return tracker.sums()
+    finally:
+        for weight, flag in zip(weights, requires_grad):
+            weight.requires_grad_(flag)
+        model.train(was_training)
 
 
 def collect_factors(
@@ -133,9 +216,6 @@ def collect_factors(
     all ranks' data; every rank must then call this function.
     """
     # One implementation of the pass: the local sums of collect_sums, then (optionally) all-reduced and normalised.
-    from memcurve.curvature.distributed import all_reduce_sums
-    from memcurve.curvature.sharded import collect_sums  # deferred: sharded builds on this module
-
     sums = collect_sums(
         model,
         batches,

@@ -10,6 +10,8 @@ imported here.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from torch import Tensor, nn
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")
@@ -58,3 +60,40 @@ def as_out_in(weight: Tensor, layout: str) -> Tensor:
 def from_out_in(weight_out_in: Tensor, layout: str) -> Tensor:
     """An ``out x in`` matrix in the storage ``layout`` (contiguous)."""
     return (weight_out_in if check_layout(layout) == "out_in" else weight_out_in.T).contiguous()
+
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def clean_module_name(name: str) -> str:
+    """``name`` without wrapper segments: ``model.layers.0._fsdp_wrapped_module.mlp.up`` → ``model.layers.0.mlp.up``."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
+def named_linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear modules (``nn.Linear``, HF ``Conv1D``) of ``model`` by their clean names (before any wrapping)."""
+    return {clean_module_name(name): m for name, m in model.named_modules() if is_linear(m)}
+
+
+class _CleanNames:
+    """A view of ``model`` whose ``named_modules()`` has clean names (all :class:`KFACTracker` reads of a model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.model.named_modules():
+            yield clean_module_name(name), module
+
+
+def layer_dims(model: nn.Module, layer_names: Sequence[str], bias: str = "exclude") -> dict[str, tuple[int, int]]:
+    """``{name: (d_A, d_G)}``: the side of A (``in_features``, +1 with ``bias="homogeneous"`` and a bias) and of G."""
+    modules = named_linear_modules(model)
+    dims = {}
+    for name in layer_names:
+        if name not in modules:
+            raise ValueError(f"layer {name!r} is not an nn.Linear of the model; linear layers: {sorted(modules)[:20]}")
+        m = modules[name]
+        in_features, out_features = linear_shape(m)
+        dims[name] = (in_features + int(bias == "homogeneous" and m.bias is not None), out_features)
+    return dims

@@ -14,7 +14,7 @@ Per layer ``l`` with ``A`` of side ``a`` (``in_features``, +1 for a homogeneous 
   for ``eigen``, about ``4 · 8 · max(a, g)²`` for float64 ``eigh`` of the larger factor (a float64 copy, the
   eigenvectors and LAPACK's ``syevd`` workspace of about two more matrices).
 
-Per rank ``r`` (owners from :func:`memcurve.curvature.sharded.assign_owners`; unsharded runs have rank 0 own
+Per rank ``r`` (owners from :func:`memcurve.curvature.owners.assign_owners`; unsharded runs have rank 0 own
 every layer), with the sums on the device unless ``offload_to_cpu``:
 
 * collect (device): ``Σ_all (A sum + G sum)``, or with ``separate_passes`` ``max(Σ A sums, Σ G sums)`` (the

@@ -58,82 +58,21 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import Self
 
-from memcurve.curvature.arguments import check_choice
 from memcurve.curvature.layers import LINEAR_KINDS, is_linear, linear_shape
+from memcurve.curvature.sums import LayerFactors, LayerSums, all_reduce_sums
+from memcurve.utils.arguments import check_choice
 
 MODES = ("expand", "reduce")
 POSITIONS = ("all", "cls")
 BIAS_MODES = ("exclude", "homogeneous")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class LayerSums:
-    """Unnormalised accumulators of one layer: ``A_sum = Σ a aᵀ``, ``G_sum = Σ g gᵀ`` and int64 counts."""
-
-    A_sum: Tensor
-    G_sum: Tensor
-    count_A: Tensor
-    count_G: Tensor
-
-    def clone(self) -> LayerSums:
-        return LayerSums(self.A_sum.clone(), self.G_sum.clone(), self.count_A.clone(), self.count_G.clone())
-
-    def merged(self, other: LayerSums) -> LayerSums:
-        """Sums of two disjoint parts of the data (e.g. two halves, or two ranks)."""
-        if self.A_sum.shape != other.A_sum.shape or self.G_sum.shape != other.G_sum.shape:
-            raise ValueError(
-                f"cannot merge sums of different shapes: A {tuple(self.A_sum.shape)} vs {tuple(other.A_sum.shape)}, "
-                f"G {tuple(self.G_sum.shape)} vs {tuple(other.G_sum.shape)}"
-            )
-        dev = self.A_sum.device
-        return LayerSums(
-            self.A_sum + other.A_sum.to(dev),
-            self.G_sum + other.G_sum.to(dev),
-            self.count_A + other.count_A.to(dev),
-            self.count_G + other.count_G.to(dev),
-        )
-
-    def normalize(self, name: str = "<layer>") -> LayerFactors:
-        """``A = A_sum / count_A``, ``G = G_sum / count_G``; raises if either count is zero."""
-        count_A, count_G = int(self.count_A), int(self.count_G)
-        if count_A == 0:
-            raise RuntimeError(
-                f"layer {name!r}: no activations were recorded (count_A = 0); did a forward pass "
-                "with gradients enabled run inside the tracker, and does the mask keep any position?"
-            )
-        if count_G == 0:
-            raise RuntimeError(
-                f"layer {name!r}: no output gradients were recorded (count_G = 0); call backward() "
-                "on the Fisher loss inside the tracker (see fisher.fisher_backward)"
-            )
-        if count_G % count_A != 0:
-            warnings.warn(
-                f"layer {name!r}: count_G = {count_G} is not a multiple of count_A = {count_A}: some forward passes "
-                "had a different number of backward passes than others",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return LayerFactors(A=self.A_sum / count_A, G=self.G_sum / count_G, count_A=count_A, count_G=count_G)
-
-
-@dataclass
-class LayerFactors:
-    """Normalised K-FAC factors of one layer: ``A`` [d_in(+1), d_in(+1)], ``G`` [d_out, d_out] and their counts."""
-
-    A: Tensor
-    G: Tensor
-    count_A: int
-    count_G: int
 
 
 ON_NON_LINEAR = ("error", "skip")
@@ -352,8 +291,6 @@ class KFACTracker:
         """
         sums = {name: s.clone() for name, s in self.sums().items()}
         if reduce_across_ranks:
-            from memcurve.curvature.distributed import all_reduce_sums  # deferred: distributed imports this module
-
             sums = all_reduce_sums(sums)
         return {name: s.normalize(name) for name, s in sums.items()}
 
@@ -467,23 +404,3 @@ class KFACTracker:
                     rows = torch.cat([rows, (n > 0).to(self.dtype)[:, None]], dim=1)
             count = (n > 0).sum()
         return rows, count
-
-
-def merge_sums(*parts: Mapping[str, LayerSums]) -> dict[str, LayerSums]:
-    """Layer-wise sum of accumulators from disjoint parts of the data (same layers in every part)."""
-    if not parts:
-        raise ValueError("merge_sums needs at least one mapping of sums")
-    names = set(parts[0])
-    for i, part in enumerate(parts[1:], start=1):
-        if set(part) != names:
-            raise ValueError(f"part {i} has layers {sorted(part)}, part 0 has {sorted(names)}")
-    out = {name: s.clone() for name, s in parts[0].items()}
-    for part in parts[1:]:
-        for name in names:
-            out[name] = out[name].merged(part[name])
-    return out
-
-
-def normalize_sums(sums: Mapping[str, LayerSums]) -> dict[str, LayerFactors]:
-    """``{name: LayerFactors}`` from (already reduced) sums."""
-    return {name: s.normalize(name) for name, s in sums.items()}

@@ -40,10 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from memcurve.curvature.arguments import check_positive_int
-from memcurve.curvature.storage import atomic_write
 from memcurve.data.label_noise import seeded_rng
-from memcurve.data.noisy_label_datamodule import unpadded_shard_sampler
 from memcurve.data.text_sources import (
     build_tokenizer,
     canary_body,
@@ -52,6 +49,9 @@ from memcurve.data.text_sources import (
     normalized_words,
     tokenizer_fingerprint,
 )
+from memcurve.utils.arguments import check_positive_int
+from memcurve.utils.files import atomic_write
+from memcurve.utils.sampling import unpadded_shard_sampler
 
 __all__ = ["CANARY_FILENAME", "CanaryTextDataModule", "TokenBlockDataset", "check_insertion_matches"]
 

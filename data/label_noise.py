@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memcurve.curvature.storage import atomic_write
+from memcurve.utils.files import atomic_write
 
 __all__ = ["LabelNoise", "make_symmetric_noise", "seeded_rng"]
 

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from memcurve.curvature.arguments import check_positive_int
 from memcurve.data.label_noise import LabelNoise, make_symmetric_noise, seeded_rng
 from memcurve.data.sources import SOURCES, ImageSplits, load_image_source, source_info
+from memcurve.utils.arguments import check_positive_int
+from memcurve.utils.sampling import unpadded_shard_sampler
 
 __all__ = [
     "AUGMENTATIONS",
@@ -71,35 +71,6 @@ class NoisyLabelDataset(Dataset):
             "index": index,
             "is_noised": self.is_noised[index],
         }
-
-
-class UnpaddedDistributedSampler(DistributedSampler):
-    """Rank r reads examples r, r+W, r+2W, ... in order, with no padding.
-
-    The stock DistributedSampler repeats examples to even out the shards, which would count them twice in
-    summed metric states; evaluation needs every example exactly once. Subclassing DistributedSampler keeps
-    Lightning from injecting its own sampler.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))
-
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def unpadded_shard_sampler(dataset: Dataset, trainer: Any = None) -> UnpaddedDistributedSampler | None:
-    """This rank's unpadded shard when the ``trainer`` (or else an initialised process group) spans several
-    processes; None for a single process."""
-    if trainer is not None and trainer.world_size > 1:
-        return UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return UnpaddedDistributedSampler(dataset, dist.get_world_size(), dist.get_rank())
-    return None
 
 
 class NoisyLabelDataModule(pl.LightningDataModule):

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from memcurve.curvature.storage import atomic_write
+from memcurve.utils.files import atomic_write
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

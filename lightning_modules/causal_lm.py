@@ -32,10 +32,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from memcurve.callbacks.band_activation_probe import ProbeAdapter
-from memcurve.curvature.arguments import check_choice, check_positive_int
-from memcurve.curvature.collect import FisherAdapter, _rank_and_world
-from memcurve.data.noisy_label_datamodule import unpadded_shard_sampler
+from memcurve.adapters import FisherAdapter, ProbeAdapter
 from memcurve.lightning_modules.noisy_label_classifier import warmup_cosine_factor
 from memcurve.metrics.verbatim import (
     HeldOutPerplexity,
@@ -47,6 +44,9 @@ from memcurve.metrics.verbatim import (
     suffix_log_likelihood,
     weights_fingerprint,
 )
+from memcurve.utils.arguments import check_choice, check_positive_int
+from memcurve.utils.distributed import rank_and_world
+from memcurve.utils.sampling import unpadded_shard_sampler
 
 __all__ = ["CanaryProbeAdapter", "CausalLMFisherAdapter", "CausalLMModule", "build_causal_lm"]
 
@@ -405,7 +405,7 @@ class CausalLMModule(pl.LightningModule):
         examples = datamodule.canary_examples()
         levels = examples["levels"]
         suffixes = examples["suffixes"]
-        rank, world = _rank_and_world() if shard else (0, 1)
+        rank, world = rank_and_world() if shard else (0, 1)
         rows = torch.arange(rank, len(levels), world)
         prefixes = [examples["prefixes"][i] for i in rows.tolist()]
         pad = datamodule.pad_token_id

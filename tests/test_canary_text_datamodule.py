@@ -14,8 +14,8 @@ import torch
 from memcurve.data import CanaryTextDataModule
 from memcurve.data import text_sources as sources
 from memcurve.data.canary_text_datamodule import CANARY_FILENAME
-from memcurve.data.noisy_label_datamodule import UnpaddedDistributedSampler
 from memcurve.data.text_sources import build_tokenizer, load_canary_texts, load_documents
+from memcurve.utils.sampling import UnpaddedDistributedSampler
 
 SMALL = {
     "corpus_fraction": 0.03,

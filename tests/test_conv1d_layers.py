@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from memcurve.adapters import ClassificationAdapter
 from memcurve.curvature import (
     collect_factors,
     edit_state_dict,
@@ -18,9 +19,8 @@ from memcurve.curvature import (
     save_factors,
     select_linear_layers,
 )
-from memcurve.curvature.collect import ClassificationAdapter
+from memcurve.curvature.factor_file import METADATA_KEY
 from memcurve.curvature.layers import as_out_in, from_out_in, is_linear, linear_shape, weight_layout
-from memcurve.curvature.storage import METADATA_KEY
 
 D_IN, D_HID, D_OUT = 6, 8, 5
 NAMES = ["fc1", "fc2", "head"]  # fc2 is square (8 -> 8): its layout cannot be read from the shape
@@ -230,7 +230,7 @@ def test_gpt2_causal_lm_end_to_end(tmp_path) -> None:
 
 
 def test_sharded_factor_index_records_weight_layout(tmp_path) -> None:
-    from memcurve.curvature.sharded import save_sharded_factors
+    from memcurve.curvature import save_sharded_factors
 
     conv, _ = _nets()
     settings = {**SETTINGS, "bias": "homogeneous", "dtype": "float64", "drop_last_position": False}

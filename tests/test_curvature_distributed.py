@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memcurve.curvature import KFACTracker, all_reduce_sums, fisher_backward, is_distributed
+from memcurve.curvature import KFACTracker, all_reduce_sums, fisher_backward
+from memcurve.utils.distributed import is_distributed
 
 RTOL = 1e-12  # float64; only the order of the cross-rank sum differs
 ATOL = 1e-14

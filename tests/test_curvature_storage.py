@@ -22,7 +22,7 @@ from memcurve.curvature import (
     model_fingerprint,
     save_factors,
 )
-from memcurve.curvature import storage as storage_module
+from memcurve.curvature import factor_file as storage_module
 
 SETTINGS = {"fisher_type": "sampled", "mc_samples": 2}
 

@@ -21,7 +21,7 @@ from memcurve.curvature import (
     save_factors,
     save_sharded_factors,
 )
-from memcurve.curvature.hf_edit import EDIT_RECORD, edit_hf_model, edit_lightning_checkpoint, main, resolve_prefix
+from memcurve.editing.hf import EDIT_RECORD, edit_hf_model, edit_lightning_checkpoint, main, resolve_prefix
 from memcurve.lightning_modules import CausalLMModule
 
 TINY_OLMO2 = {

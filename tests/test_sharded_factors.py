@@ -31,7 +31,8 @@ from memcurve.curvature import (
     save_factors,
     save_sharded_factors,
 )
-from memcurve.curvature.sharded import clean_module_name, shard_name
+from memcurve.curvature.layers import clean_module_name
+from memcurve.curvature.sharded_storage import shard_name
 from memcurve.lightning_modules import CausalLMModule
 
 TINY_OLMO2 = {
@@ -125,7 +126,7 @@ def mlp_eigen(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, dict, dict
     model = mlp()
     x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
     batches = [(x[i : i + 5], torch.zeros(5, dtype=torch.long)) for i in range(0, 20, 5)]
-    from memcurve.curvature import ClassificationAdapter
+    from memcurve.adapters import ClassificationAdapter
 
     factors = collect_factors(model, batches, MLP_LAYERS, adapter=ClassificationAdapter(0, 1, None), dtype=dtype)
     settings = {"mode": "expand", "position": "all", "bias": "exclude", "dtype": "float64", "drop_last_position": False}
@@ -284,7 +285,7 @@ def test_collect_sums_in_separate_passes_or_offloaded_equal_one_pass():
     model = mlp()
     x = torch.randn(12, 6, generator=torch.Generator().manual_seed(2))
     batches = [(x[i : i + 4], torch.zeros(4, dtype=torch.long)) for i in range(0, 12, 4)]
-    from memcurve.curvature import ClassificationAdapter
+    from memcurve.adapters import ClassificationAdapter
 
     kwargs = {"adapter": ClassificationAdapter(0, 1, None), "dtype": torch.float64, "mc_samples": 2}
     both = collect_sums(model, batches, MLP_LAYERS, **kwargs)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +59,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from memcurve.curvature.collect import ClassificationAdapter, FisherAdapter, _normal_tensors, _rank_and_world
-from memcurve.curvature.distributed import _comm_device, is_distributed
 from memcurve.curvature.eigen import LayerEigen
-from memcurve.curvature.fisher import FISHER_TYPES, fisher_backward
-from memcurve.curvature.layers import WEIGHT_LAYOUTS, is_linear, linear_shape, weight_layout
-from memcurve.curvature.storage import (
+from memcurve.curvature.factor_file import (
     FORMAT,
     FORMAT_VERSION,
     KINDS,
@@ -75,315 +71,39 @@ from memcurve.curvature.storage import (
     _kind_of,
     _settings_problem,
     _sha256,
-    atomic_write,
     check_layers_match_model,
     model_fingerprint,
 )
-from memcurve.curvature.tracker import KFACTracker, LayerFactors, LayerSums
+from memcurve.curvature.layers import WEIGHT_LAYOUTS, linear_shape, named_linear_modules, weight_layout
+from memcurve.curvature.owners import check_owners
+from memcurve.curvature.sums import LayerFactors
+from memcurve.utils.distributed import is_distributed
+from memcurve.utils.files import atomic_write
 
 __all__ = [
     "INDEX_FORMAT",
     "OWNER_POLICY",
     "ShardedLayers",
-    "assign_owners",
-    "clean_module_name",
-    "collect_sums",
     "index_path_for",
     "is_index_path",
-    "layer_dims",
     "load_sharded_factors",
-    "named_linear_modules",
-    "reduce_to_owners",
     "save_sharded_factors",
     "shard_name",
 ]
 
+
 INDEX_FORMAT = "memcurve.kfac.index"
+
+
 INDEX_VERSION = 1
+
+
 INDEX_SUFFIX = ".index.json"
+
+
 OWNER_POLICY = "greedy-largest-first"
-FACTORS = ("A", "G")
-# Wrapper segments inserted into module names by FSDP (v1), activation checkpointing and torch.compile.
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 
-# -- names ---------------------------------------------------------------------------------------------------------
-def clean_module_name(name: str) -> str:
-    """``name`` without wrapper segments: ``model.layers.0._fsdp_wrapped_module.mlp.up`` → ``model.layers.0.mlp.up``."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
-
-
-def named_linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The linear modules (``nn.Linear``, HF ``Conv1D``) of ``model`` by their clean names (before any wrapping)."""
-    return {clean_module_name(name): m for name, m in model.named_modules() if is_linear(m)}
-
-
-class _CleanNames:
-    """A view of ``model`` whose ``named_modules()`` has clean names (all :class:`KFACTracker` reads of a model)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        for name, module in self.model.named_modules():
-            yield clean_module_name(name), module
-
-
-def layer_dims(model: nn.Module, layer_names: Sequence[str], bias: str = "exclude") -> dict[str, tuple[int, int]]:
-    """``{name: (d_A, d_G)}``: the side of A (``in_features``, +1 with ``bias="homogeneous"`` and a bias) and of G."""
-    modules = named_linear_modules(model)
-    dims = {}
-    for name in layer_names:
-        if name not in modules:
-            raise ValueError(f"layer {name!r} is not an nn.Linear of the model; linear layers: {sorted(modules)[:20]}")
-        m = modules[name]
-        in_features, out_features = linear_shape(m)
-        dims[name] = (in_features + int(bias == "homogeneous" and m.bias is not None), out_features)
-    return dims
-
-
-# -- owners --------------------------------------------------------------------------------------------------------
-def assign_owners(layer_sizes: Mapping[str, int], world_size: int) -> dict[str, int]:
-    """``{layer: owning rank}``: greedy least-loaded, largest layer first (see the module docstring).
-
-    ``layer_sizes``: any additive measure of what an owner holds, e.g. ``d_A² + d_G²`` elements. The result is
-    keyed in the order of ``layer_sizes``.
-    """
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive integer")
-    for name, size in layer_sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError(f"layer {name!r}: size {size!r} must be a non-negative integer")
-    load = [0] * world_size
-    owners: dict[str, int] = {}
-    for name in sorted(layer_sizes, key=lambda n: (-layer_sizes[n], n)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[name] = rank
-        load[rank] += layer_sizes[name]
-    return {name: owners[name] for name in layer_sizes}
-
-
-def _check_owners(owners: Mapping[str, int], names: Iterable[str], world_size: int) -> None:
-    missing = sorted(set(names) - set(owners))
-    if missing:
-        raise ValueError(f"owners has no rank for layers {missing}")
-    bad = {n: r for n, r in owners.items() if not (isinstance(r, int) and 0 <= r < world_size)}
-    if bad:
-        raise ValueError(f"owners {bad} are not ranks of a world of size {world_size}")
-
-
-# -- the factor pass -----------------------------------------------------------------------------------------------
-class ScaleTracker(KFACTracker):
-    """A :class:`KFACTracker` that can keep its sums on the CPU and track only ``A`` or only ``G``.
-
-    ``offload_to_cpu``: sums (and counts) live in host memory; each batch's sample rows are copied to the CPU
-    and the Gram products ``RᵀR`` run there (a CPU GEMM per layer and batch: slow next to a GPU for wide
-    layers — it trades time for device memory). ``factors=("A",)`` or ``("G",)``: the other factor is not
-    accumulated (a 0 x 0 placeholder; its count still is, so two passes can be checked against each other).
-    Layer names may be clean names of a wrapped model (FSDP).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layer_names: Sequence[str],
-        *,
-        factors: Sequence[str] = FACTORS,
-        offload_to_cpu: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        factors = tuple(factors)
-        if not factors or any(f not in FACTORS for f in factors):
-            raise ValueError(f"factors={factors!r} must be a non-empty subset of {FACTORS}")
-        self.tracked = factors
-        self.offload_to_cpu = bool(offload_to_cpu)
-        super().__init__(_CleanNames(model), layer_names, **kwargs)
-
-    def reset(self) -> None:
-        for name, module in self.modules.items():
-            dev = torch.device("cpu") if self.offload_to_cpu else module.weight.device
-            in_features, out_features = linear_shape(module)
-            d_in = in_features + int(self.homogeneous(name))
-            d_a = d_in if "A" in self.tracked else 0
-            d_g = out_features if "G" in self.tracked else 0
-            zero = torch.zeros((), dtype=torch.int64, device=dev)
-            self._sums[name] = LayerSums(
-                torch.zeros(d_a, d_a, dtype=self.dtype, device=dev),
-                torch.zeros(d_g, d_g, dtype=self.dtype, device=dev),
-                zero.clone(),
-                zero.clone(),
-            )
-
-    def _rows(
-        self, x: Tensor, valid: Tensor, all_valid: bool, *, is_input: bool, homogeneous: bool
-    ) -> tuple[Tensor, Tensor | int]:
-        if ("A" if is_input else "G") not in self.tracked:  # count only (as the parent counts); a free 0 x 0 product
-            if self.mode == "expand":
-                count = x.shape[0] * x.shape[1] if all_valid else valid.sum()
-            else:
-                count = (valid.sum(dim=1) > 0).sum()
-            rows = x.new_zeros((1, 0), dtype=self.dtype)
-        else:
-            rows, count = super()._rows(x, valid, all_valid, is_input=is_input, homogeneous=homogeneous)
-        if self.offload_to_cpu:
-            rows = rows.to("cpu")
-            count = count.to("cpu") if isinstance(count, Tensor) else count
-        return rows, count
-
-
-def collect_sums(
-    model: nn.Module,
-    batches: Iterable[Any],
-    layer_names: Sequence[str],
-    *,
-    adapter: FisherAdapter | None = None,
-    fisher_type: str = "sampled",
-    mc_samples: int = 1,
-    seed: int = 0,
-    mode: str = "expand",
-    position: str = "all",
-    bias: str = "exclude",
-    dtype: torch.dtype | str = torch.float32,
-    drop_last_position: bool = False,
-    max_batches: int | None = None,
-    to_device: Callable[[Any], Any] | None = None,
-    factors: Sequence[str] = FACTORS,
-    offload_to_cpu: bool = False,
-    forward_module: Callable[..., Any] | None = None,
-) -> dict[str, LayerSums]:
-    """This rank's UNREDUCED K-FAC sums ``{layer: LayerSums}`` (the pass of :func:`collect_factors`).
-
-    Same pass as :func:`memcurve.curvature.collect_factors` — eval mode, Fisher targets seeded by example
-    index, backward to the layer outputs only, train mode and ``requires_grad`` restored — but it returns the
-    local sums for :func:`reduce_to_owners`, and: ``factors=("A",)`` runs forwards only (no Fisher targets, no
-    backward), ``("G",)`` accumulates G only; ``offload_to_cpu`` keeps the sums in host memory;
-    ``forward_module`` is what the adapter calls for the logits (default ``model``; under FSDP the root
-    wrapper, see ``KFACFactors``). Layer names are clean names (wrapper segments removed).
-    """
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type={fisher_type!r} is not supported; choose one of {FISHER_TYPES}")
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples={mc_samples!r} must be an integer >= 1")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches={max_batches!r} must be a positive integer or None")
-    adapter = adapter or ClassificationAdapter()
-    backward = "G" in tuple(factors)
-    modules = named_linear_modules(model)
-    weights = [modules[name].weight for name in layer_names if name in modules]
-    requires_grad = [weight.requires_grad for weight in weights]
-    was_training = model.training
-    rank, world_size = _rank_and_world()
-    caller = forward_module if forward_module is not None else model
-    model.eval()
-    try:
-        for weight in weights:
-            weight.requires_grad_(True)
-        with torch.inference_mode(False), torch.enable_grad():
-            tracker = ScaleTracker(
-                model,
-                layer_names,
-                factors=factors,
-                offload_to_cpu=offload_to_cpu,
-                mode=mode,
-                position=position,
-                bias=bias,
-                dtype=dtype,
-                drop_last_position=drop_last_position,
-                record_outputs=backward,
-            )
-            with tracker:
-                seen = 0
-                for step, batch in enumerate(batches):
-                    if max_batches is not None and step >= max_batches:
-                        break
-                    batch = _normal_tensors(to_device(batch) if to_device is not None else batch)
-                    tracker.set_mask(adapter.position_mask(batch))
-                    logits = adapter.logits(caller, batch)
-                    if not backward:
-                        continue  # A only: the forward hooks did the work
-                    index = adapter.example_index(batch)
-                    if index is None:
-                        index = rank + world_size * (seen + torch.arange(logits.shape[0]))
-                    seen += logits.shape[0]
-                    fisher_backward(
-                        logits,
-                        fisher_type=fisher_type,
-                        labels=adapter.labels(batch) if fisher_type == "empirical" else None,
-                        seed=seed,
-                        example_index=index,
-                        mc_samples=mc_samples,
-                        mask=adapter.loss_mask(batch),
-                        inputs=tracker.take_outputs(),
-                    )
-            return tracker.sums()
-    finally:
-        for weight, flag in zip(weights, requires_grad):
-            weight.requires_grad_(flag)
-        model.train(was_training)
-
-
-# -- reduction -----------------------------------------------------------------------------------------------------
-def reduce_to_owners(
-    sums: Mapping[str, LayerSums],
-    owners: Mapping[str, int],
-    *,
-    factors: Sequence[str] = FACTORS,
-    group: dist.ProcessGroup | None = None,
-) -> dict[str, LayerSums]:
-    """Sum every layer's sums and counts over all ranks onto its owner; returns the layers this rank owns.
-
-    One ``torch.distributed.reduce(dst=owner)`` per tensor (the device follows the backend as in
-    :mod:`memcurve.curvature.distributed`: CUDA for NCCL, CPU for gloo) and one all-reduce of all counts. The
-    inputs are not modified; each reduction works on a copy of one tensor, so the extra memory is one matrix.
-    Drop the local sums afterwards (non-owners keep nothing). ``factors``: which of ``A_sum`` / ``G_sum`` to
-    reduce (the others are passed through as they are, e.g. the 0 x 0 placeholders of a one-factor pass).
-    A single process owns everything (the sums are returned as they are). Every rank must call this.
-    """
-    factors = tuple(factors)
-    rank, world_size = (dist.get_rank(group), dist.get_world_size(group)) if is_distributed() else (0, 1)
-    _check_owners(owners, sums, world_size)
-    if world_size == 1:
-        return {name: s for name, s in sums.items() if owners[name] == rank}
-    names = sorted(sums)
-    signature = [
-        (n, tuple(sums[n].A_sum.shape), tuple(sums[n].G_sum.shape), str(sums[n].A_sum.dtype), owners[n]) for n in names
-    ]
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, signature, group=group)
-    for other_rank, other in enumerate(gathered):
-        if other != signature:
-            raise RuntimeError(
-                f"K-FAC sums or owners differ between ranks: rank {rank} has {signature}, rank {other_rank} has {other}"
-            )
-    if not names:
-        return {}
-    device = _comm_device(sums[names[0]].A_sum, group)
-    out: dict[str, LayerSums] = {}
-    for name in names:
-        owner = owners[name] if group is None else dist.get_global_rank(group, owners[name])
-        parts = {}
-        for attr in ("A_sum", "G_sum"):
-            local = getattr(sums[name], attr)
-            if attr[0] not in factors:
-                parts[attr] = local
-                continue
-            buffer = local.to(device, copy=True)
-            dist.reduce(buffer, dst=owner, op=dist.ReduceOp.SUM, group=group)
-            parts[attr] = buffer.to(local.device) if owners[name] == rank else None
-            del buffer
-        if owners[name] == rank:
-            out[name] = LayerSums(parts["A_sum"], parts["G_sum"], sums[name].count_A, sums[name].count_G)
-    counts = torch.stack([c.to(device) for n in names for c in (sums[n].count_A, sums[n].count_G)]).to(torch.int64)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-    for i, name in enumerate(names):
-        if name in out:
-            s = out[name]
-            s.count_A = counts[2 * i].to(s.count_A.device)
-            s.count_G = counts[2 * i + 1].to(s.count_G.device)
-    return out
-
-
-# -- writing -------------------------------------------------------------------------------------------------------
 def index_path_for(folder: str | os.PathLike, stem: str) -> Path:
     """``<folder>/<stem>.index.json``."""
     return Path(folder) / f"{stem}{INDEX_SUFFIX}"
@@ -514,7 +234,7 @@ def save_sharded_factors(
             raise ValueError(
                 f"single process: layers {sorted(layers)} and owners {sorted(owners)} must name the same layers"
             )
-    _check_owners(owners, owners, world_size)
+    check_owners(owners, owners, world_size)
     if not 0 <= index_owner_rank < world_size:
         raise ValueError(f"index_owner_rank={index_owner_rank} is not a rank of a world of size {world_size}")
     mine = {n for n, r in owners.items() if r == rank} if distributed else set(owners)
@@ -599,7 +319,6 @@ def save_sharded_factors(
     return index_path
 
 
-# -- reading -------------------------------------------------------------------------------------------------------
 class ShardedLayers(Mapping):
     """``{layer: LayerEigen | LayerFactors}`` read from the shards on first access (validated), then cached.
 

@@ -45,8 +45,9 @@ from torch import Tensor, nn
 
 from memcurve.curvature.edit import EDIT_METHODS, LayerEdit, edit_layer
 from memcurve.curvature.layers import is_linear, weight_layout
-from memcurve.curvature.storage import StoredFactors, atomic_write, load_factors
+from memcurve.curvature.storage import StoredFactors, load_factors
 from memcurve.curvature.tracker import compile_layer_patterns
+from memcurve.utils.files import atomic_write
 
 __all__ = ["EDIT_RECORD", "PREFIXES", "edit_hf_model", "edit_lightning_checkpoint", "main", "resolve_prefix"]
 

@@ -52,7 +52,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 bench: venv
-	$(VENV_PY) -m pip install --quiet --disable-pip-version-check kronfluence  # comparison only, not a dependency
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"  # kronfluence: comparison only, not a core dependency
 	@for script in bench/*.py; do echo "== $$script"; $(VENV_PY) $$script || exit 1; done
 
 # Full Fashion-MNIST for configs/vit_fashion_mnist_noisy.yaml (Debian package; needs root).

@@ -161,7 +161,14 @@ def _forward(
     past_key_values: Any = None,
     use_cache: bool = False,
 ) -> tuple[Tensor, Any]:
-    """Logits (only the last ``keep`` positions when given) and the KV cache of a HF causal LM."""
+    """Logits (only the last ``keep`` positions when given) and the KV cache of a HF causal LM.
+
+    The cache is the ``Cache`` object (``DynamicCache``) the model returns, passed back as it is, never a legacy
+    tuple. Its keyword and output field are ``cache`` where the model's ``forward`` takes that (newer transformers,
+    which deprecate the old name) and ``past_key_values`` otherwise, so neither version warns.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
     kwargs: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -169,15 +176,15 @@ def _forward(
         "use_cache": use_cache,
     }
     if past_key_values is not None:
-        kwargs["past_key_values"] = past_key_values
+        kwargs[cache_name] = past_key_values
     # logits_to_keep avoids the [B, L, V] logits of the whole prompt (V ~ 100k for OLMo-2)
-    if keep is not None and "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if keep is not None and "logits_to_keep" in parameters:
         kwargs["logits_to_keep"] = keep
     output = model(**kwargs)
     logits = output.logits
     if keep is not None and logits.shape[1] > keep:
         logits = logits[:, -keep:]
-    return logits, (output.past_key_values if use_cache else None)
+    return logits, (getattr(output, cache_name) if use_cache else None)
 
 
 # --------------------------------------------------------------------------- greedy decoding

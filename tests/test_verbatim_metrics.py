@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -212,6 +214,28 @@ def test_left_padded_batches_equal_unpadded_greedy(name):
     assert len(set(generated.flatten().tolist())) > 3  # the context matters: not one repeated token
     # the padding token's value is irrelevant: it is masked
     assert greedy_generate(model, prefixes, 6, pad_token_id=VOCAB - 1, batch_size=3).tolist() == expected
+
+
+def _mentions_legacy_cache(message: str) -> bool:
+    message = message.lower()
+    return "past_key_values" in message or "legacy cache" in message or "cache_params" in message
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_batched_generation_uses_the_current_cache_api(name, caplog):
+    """No deprecation of ``past_key_values`` / legacy tuple caches, as a Python warning or a transformers log."""
+    model = MODELS[name]().eval()
+    prefixes = random_prefixes([3, 9, 5, 1, 7], seed=5)
+    # transformers logs some deprecations once per process (`warning_once`, an lru_cache): forget earlier ones
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(warning_once, "cache_clear"):
+        warning_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        generated = greedy_generate(model, prefixes, 5, pad_token_id=PAD, batch_size=2)
+    assert generated.shape == (5, 5)
+    messages = [str(w.message) for w in caught] + [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if _mentions_legacy_cache(m)]
 
 
 def test_tensor_prefixes_and_eval_mode_kept():

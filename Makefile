@@ -33,10 +33,10 @@ demo: demo-vit demo-lm
 	@echo "memcurve demo done. TensorBoard logs in runs/: make tb   (or: $(VENV)/bin/tensorboard --logdir runs)"
 
 demo-vit: venv
-	$(VENV_PY) train.py fit --config $(DEMO_CONFIG)
+	$(VENV)/bin/memcurve fit --config $(DEMO_CONFIG)
 
 demo-lm: venv
-	$(VENV_PY) train.py fit --config $(DEMO_LM_CONFIG)
+	$(VENV)/bin/memcurve fit --config $(DEMO_LM_CONFIG)
 
 test: venv
 	$(VENV_PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memcurve.curvature import collect_factors, select_linear_layers
+from memcurve.curvature import FactorSettings, collect_factors, select_linear_layers
 from memcurve.lightning_modules import CausalLMModule
 from memcurve.metrics import greedy_generate
 
@@ -111,7 +111,8 @@ def bench_factors(model: CausalLMModule, repeats: int) -> None:
     adapter = model.fisher_adapter()  # the causal-LM adapter the KFACFactors callback uses
 
     def factors(selected: list[dict[str, Tensor]]) -> None:
-        collect_factors(model, selected, layers, adapter=adapter, drop_last_position=True, reduce_across_ranks=False)
+        settings = FactorSettings(drop_last_position=True)
+        collect_factors(model, selected, layers, settings, adapter=adapter, reduce_across_ranks=False)
 
     def plain(selected: list[dict[str, Tensor]]) -> None:
         for batch in selected:

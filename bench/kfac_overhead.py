@@ -70,13 +70,14 @@ def run_memcurve(model, batches, position: str = "all") -> None:
     from torch import nn
 
     from memcurve.adapters import ClassificationAdapter
-    from memcurve.curvature import collect_factors
+    from memcurve.curvature import FactorSettings, collect_factors
 
     layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if position == "cls":  # the head sees one pooled vector per image, which has no CLS position
         layers = [name for name in layers if name != "head"]
     adapter = ClassificationAdapter(0, 1, None)
-    collect_factors(model, batches, layers, adapter=adapter, position=position, reduce_across_ranks=False)
+    settings = FactorSettings(position=position)
+    collect_factors(model, batches, layers, settings, adapter=adapter, reduce_across_ranks=False)
 
 
 def run_memcurve_cls(model, batches) -> None:

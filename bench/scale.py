@@ -123,13 +123,12 @@ def run_plain(model, batches, layers) -> None:
 
 
 def run_kfac(model, batches, layers, separate: bool = False) -> None:
-    from memcurve.curvature import collect_sums
+    from memcurve.curvature import FactorSettings, collect_sums
 
+    settings = FactorSettings(drop_last_position=True, dtype="float32")
     passes = [("A",), ("G",)] if separate else [("A", "G")]
     for factors in passes:
-        collect_sums(
-            model, batches, layers, adapter=adapter(), drop_last_position=True, dtype="float32", factors=factors
-        )
+        collect_sums(model, batches, layers, settings, adapter=adapter(), factors=factors)
 
 
 def measure(method: str, device: str, settings: dict, repeats: int) -> dict:
@@ -171,7 +170,7 @@ def check(device: str, settings: dict) -> dict:
     """Largest relative Frobenius error of A and G (bench dtype on ``device`` vs float64 on the CPU), 2 batches."""
     import torch
 
-    from memcurve.curvature import collect_sums
+    from memcurve.curvature import FactorSettings, collect_sums
 
     results = {}
     for where, dev, dtype, sums in (
@@ -179,9 +178,8 @@ def check(device: str, settings: dict) -> dict:
         ("reference", "cpu", "float64", "float64"),
     ):
         model, batches, layers = build(settings, dev, dtype)
-        local = collect_sums(
-            model, batches[:2], layers, adapter=adapter(), fisher_type="empirical", drop_last_position=True, dtype=sums
-        )
+        pass_settings = FactorSettings(fisher="empirical", drop_last_position=True, dtype=sums)
+        local = collect_sums(model, batches[:2], layers, pass_settings, adapter=adapter())
         results[where] = {n: s.normalize(n) for n, s in local.items()}
     errors = {"A": 0.0, "G": 0.0}
     for name, reference in results["reference"].items():

@@ -4,7 +4,7 @@ from memcurve.callbacks.balanced_subnet_pruning import BalancedSubnetPruning
 from memcurve.callbacks.band_activation_probe import BandActivationProbe, ClassificationProbeAdapter, ProbeAdapter
 from memcurve.callbacks.kfac_factors import KFACFactors
 from memcurve.callbacks.kfac_pruning import KFACPruning
-from memcurve.callbacks.memorization_eval import MemorizationEval, evaluate_memorization
+from memcurve.callbacks.memorization_eval import MemorizationEval
 from memcurve.callbacks.svd_pruning import SVDPruning
 
 __all__ = [
@@ -16,5 +16,4 @@ __all__ = [
     "MemorizationEval",
     "ProbeAdapter",
     "SVDPruning",
-    "evaluate_memorization",
 ]

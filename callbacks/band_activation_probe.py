@@ -174,18 +174,6 @@ def plot_band_activations(
     return fig
 
 
-def _figure_rgb(fig) -> np.ndarray:
-    """``[H, W, 3]`` uint8 pixels of a figure (drawn by its Agg canvas)."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def _save_png(path: Path, image: np.ndarray) -> None:
-    from matplotlib.image import imsave
-
-    imsave(path, image, format="png")
-
-
 # -- the callback ---------------------------------------------------------------------------------------
 @dataclass
 class _Layer:
@@ -526,7 +514,7 @@ class BandActivationProbe(ScheduledAnalysis):
     def write(
         self, trainer: pl.Trainer, rows: list[dict[str, Any]], csv_path: Path, png_path: Path, factors: str
     ) -> None:
-        """CSV and PNG (atomically), logger scalars and the TensorBoard image. Global rank zero only."""
+        """CSV and PNG (atomically), logger scalars and the TensorBoard figure. Global rank zero only."""
 
         def write_csv(tmp: Path) -> None:
             with open(tmp, "w", newline="") as fh:
@@ -543,8 +531,7 @@ class BandActivationProbe(ScheduledAnalysis):
             title=f"Band activations ({self.statistic}, position={self._active_position}) — {Path(factors).name}"
             + (f"; labels: ({contrast[0]} − {contrast[1]}) / {contrast[1]}" if contrast else ""),
         )
-        image = _figure_rgb(fig)  # rendered once, for the PNG and TensorBoard
-        atomic_write(png_path, lambda tmp: _save_png(tmp, image))
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))  # the figure carries its Agg canvas
         metrics = {
             f"{'probe' if r['basis'] == 'kfac' else 'probe_svd'}/{r['layer']}/{r['band']}/{r['group']}": r["mean"]
             for r in rows
@@ -553,5 +540,5 @@ class BandActivationProbe(ScheduledAnalysis):
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(trainer.logger, TensorBoardLogger):
-                trainer.logger.experiment.add_image("probe/figure", image, trainer.global_step, dataformats="HWC")
+                trainer.logger.experiment.add_figure("probe/figure", fig, trainer.global_step, close=False)
         rank_zero_info(f"memcurve: band activations of {len(self._layers)} layers written to {csv_path} and {png_path}")

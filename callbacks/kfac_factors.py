@@ -7,7 +7,7 @@ eigendecomposed factors as a validated safetensors file. It never updates a para
 and ``requires_grad`` afterwards. Under DDP each rank reads a disjoint, unpadded shard, sums and counts are
 reduced (any backend, gloo included) and only global rank zero decomposes and writes.
 
-At scale (``sharded=True``; OLMo-2 1B/7B under ``strategy="ddp"`` or ``"fsdp"``): each layer's sums are reduced
+At scale (``settings.sharded``; OLMo-2 1B/7B under ``strategy="ddp"`` or ``"fsdp"``): each layer's sums are reduced
 to one owning rank (largest layers first, to the least-loaded rank), the owner eigendecomposes them and writes
 its own shard, and rank zero writes ``<stem>.index.json`` (see :mod:`memcurve.curvature.sharded_storage`); the pruning
 and probe callbacks read the index like a single file, loading layers on first access. Before the pass a memory
@@ -15,21 +15,20 @@ plan (per layer: A and G sums, results; per rank: collect / owner / host memory)
 ``memory_budget_gb``; ``separate_passes`` and ``offload_to_cpu`` lower the device peak. After it, tokens/s and
 peak memory are printed and logged (``kfac/tokens_per_s``, ``kfac/peak_memory_gb``, ...).
 
-Standalone on a checkpoint from any earlier run::
-
-    python -m memcurve.callbacks.kfac_factors --config configs/vit_digits_noisy.yaml \\
-        --ckpt runs/vit_digits_noisy/version_0/checkpoints/last.ckpt \\
-        --layers 'model.blocks.*.mlp.fc1' 'model.blocks.*.mlp.fc2' --output factors.safetensors
+Every option of the pass lives in one :class:`~memcurve.curvature.FactorSettings` (``settings``, declared and
+validated once, shared with ``collect_factors`` and the command line); the callback's own arguments say only
+which layers, from which loader, when, and where the file goes. On a checkpoint from any earlier run, drive it
+with ``trainer.validate(model, datamodule=..., ckpt_path=...)`` and ``when="validate"`` (``memcurve factors``
+does that from a config).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
-import resource
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+try:  # POSIX only; elsewhere the peak memory of a CPU pass is reported as unavailable
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 from memcurve.adapters import ClassificationAdapter, FisherAdapter
 from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
 from memcurve.curvature import (
-    BIAS_MODES,
-    FISHER_TYPES,
-    MODES,
-    ON_NON_LINEAR,
-    POSITIONS,
     LayerEigen,
     LayerFactors,
     LayerSums,
@@ -60,10 +59,11 @@ from memcurve.curvature import (
     select_linear_layers,
     threshold_for_energy,
 )
-from memcurve.curvature.collect import collect_sums
+from memcurve.curvature.collect import collect_sums, merge_passes
 from memcurve.curvature.layers import layer_dims
 from memcurve.curvature.memory_plan import MemoryPlan, format_bytes, plan_memory
 from memcurve.curvature.owners import assign_owners, reduce_to_owners
+from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
 from memcurve.curvature.sharded_storage import save_sharded_factors
 from memcurve.utils.arguments import check_choice, check_positive_int
 from memcurve.utils.distributed import comm_device, is_distributed
@@ -72,7 +72,6 @@ from memcurve.utils.sampling import unpadded_shard_sampler
 __all__ = ["KFACFactors", "effective_rank"]
 
 DATALOADERS = ("train", "val")
-STORE = ("eigen", "factors")
 DEFAULT_FILENAMES = {
     "fit_end": "kfac-final.safetensors",
     "every_n_epochs": "kfac-epoch{epoch:03d}.safetensors",
@@ -97,174 +96,103 @@ class KFACFactors(ScheduledAnalysis):
     Args:
         layers: module-name patterns relative to the LightningModule: globs (``model.blocks.*.mlp.fc?``) or
             ``re:<regex>``.
+        settings: everything about the pass — mode, Fisher type and draws, positions, bias, dtype, seed, how
+            much data, storage and memory options — as one :class:`~memcurve.curvature.FactorSettings` (default:
+            its defaults). In a config: ``settings: {position: cls, fisher: sampled, mc_samples: 4}``.
         dataloader: ``train`` (unaugmented training data: the datamodule's ``memorization_dataloader`` when it
             has one, else ``train_dataloader``), ``val``, or a callable ``trainer -> DataLoader``.
-        max_batches: at most this many batches per process.
-        max_samples: use only the first N examples of the dataset (across all processes).
-        batch_size: batch size of the factor pass (default: the dataloader's).
-        mode: ``expand`` (every position is a sample) or ``reduce`` (one sample per sequence).
-        fisher: ``sampled`` (targets drawn from the model: the true Fisher) or ``empirical`` (data labels).
-        mc_samples: draws per input for the sampled Fisher (each with its own backward pass).
-        position: ``all`` positions, or ``cls`` (position 0 only, as the paper's ViT experiments).
-        bias: ``exclude`` (A over the input only, as the paper) or ``homogeneous`` (A over [a, 1]).
         when: ``fit_end``, ``every_n_epochs``, ``checkpoint`` (each checkpoint save; the file is recorded in
             the checkpoint under ``"kfac_factors"``) or ``validate`` (end of ``trainer.validate``).
         every_n_epochs: period for ``when="every_n_epochs"``.
         output_dir: folder of the factor files (default: ``<log_dir>/kfac``).
-        filename: file name, may use ``{epoch}`` and ``{step}`` (defaults per ``when``).
-        dtype: accumulation dtype of the sums, ``float32`` or ``float64`` (eigendecomposition is float64).
-        seed: seed of the sampled Fisher targets.
-        on_non_linear: a pattern that also matches non-Linear modules: ``skip`` them or raise (``error``).
-        store: ``eigen`` (eigenvalues and eigenvectors, what pruning and probing read) or raw ``factors``.
-        drop_last_position: drop each sequence's last position (causal LMs: it has no next-token target);
-            default: what the adapter says (``True`` for the causal-LM adapter, ``False`` otherwise).
+        filename: file name, may use ``{epoch}`` and ``{step}`` (defaults per ``when``); with
+            ``settings.sharded`` the index is ``<filename stem>.index.json`` (recorded in ``saved_paths``).
         adapter: how logits/labels/indices/masks come out of a batch (default: the LightningModule's
-            ``fisher_adapter()`` if it has one, else :class:`ClassificationAdapter`).
+            ``fisher_adapter()`` if it has one, else :class:`ClassificationAdapter`); it also decides
+            ``settings.drop_last_position=None``.
         log_spectra: log eigenvalue histograms, effective ranks and energy concentration to TensorBoard.
-        sharded: reduce each layer to one owning rank, which eigendecomposes it and writes its own shard; rank
-            zero writes ``<filename stem>.index.json`` (recorded in ``saved_paths``). Needed under FSDP.
-        offload_to_cpu: keep the sums in host memory (the Gram products of each batch then run on the CPU:
-            slower, but the device holds no factor memory while collecting).
-        separate_passes: collect A in one pass (forwards only) and G in a second (forward + Fisher backward)
-            over the same data, so the device holds the A sums or the G sums, never both; the reduced A sums
-            wait in host memory. Needs a deterministic dataloader (checked through the counts).
-        memory_budget_gb: refuse to start (``MemoryPlanError`` with the numbers and the options) when the
-            planned factor memory of a rank exceeds this many GB (10⁹ bytes); the plan is printed either way.
     """
 
     def __init__(
         self,
         layers: list[str],
+        settings: FactorSettings = DEFAULT_SETTINGS,
         dataloader: str | Callable[[pl.Trainer], DataLoader] = "train",
-        max_batches: int | None = None,
-        max_samples: int | None = None,
-        batch_size: int | None = None,
-        mode: str = "expand",
-        fisher: str = "sampled",
-        mc_samples: int = 1,
-        position: str = "all",
-        bias: str = "exclude",
         when: str = "fit_end",
         every_n_epochs: int = 1,
         output_dir: str | None = None,
         filename: str | None = None,
-        dtype: str = "float32",
-        seed: int = 0,
-        on_non_linear: str = "skip",
-        store: str = "eigen",
-        drop_last_position: bool | None = None,
         adapter: FisherAdapter | None = None,
         log_spectra: bool = True,
-        sharded: bool = False,
-        offload_to_cpu: bool = False,
-        separate_passes: bool = False,
-        memory_budget_gb: float | None = None,
     ) -> None:
         compile_layer_patterns(layers)
+        if not isinstance(settings, FactorSettings):
+            raise TypeError(
+                f"settings must be a memcurve.curvature.FactorSettings (e.g. FactorSettings(position='cls')) or "
+                f"None, not {type(settings).__name__}"
+            )
         if not callable(dataloader):
             check_choice("dataloader", dataloader, DATALOADERS)
-        check_choice("mode", mode, MODES)
-        check_choice("fisher", fisher, FISHER_TYPES)
-        check_choice("position", position, POSITIONS)
-        check_choice("bias", bias, BIAS_MODES)
         check_choice("when", when, WHEN)
-        check_choice("dtype", dtype, ("float32", "float64"))
-        check_choice("on_non_linear", on_non_linear, ON_NON_LINEAR)
-        check_choice("store", store, STORE)
-        check_positive_int("mc_samples", mc_samples, allow_none=False)
         check_positive_int("every_n_epochs", every_n_epochs, allow_none=False)
-        check_positive_int("max_batches", max_batches, allow_none=True)
-        check_positive_int("max_samples", max_samples, allow_none=True)
-        check_positive_int("batch_size", batch_size, allow_none=True)
-        if fisher == "empirical" and mc_samples != 1:
-            raise ValueError(
-                f"mc_samples={mc_samples}: the empirical Fisher uses the data labels; mc_samples must be 1"
-            )
         if adapter is not None and not isinstance(adapter, FisherAdapter):
             raise TypeError(f"adapter must be a memcurve.curvature.FisherAdapter, not {type(adapter).__name__}")
-        for name, value in (
-            ("sharded", sharded),
-            ("offload_to_cpu", offload_to_cpu),
-            ("separate_passes", separate_passes),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}={value!r} must be True or False")
-        if memory_budget_gb is not None and (
-            isinstance(memory_budget_gb, bool)
-            or not isinstance(memory_budget_gb, (int, float))
-            or memory_budget_gb <= 0
-        ):
-            raise ValueError(f"memory_budget_gb={memory_budget_gb!r} must be a positive number of GB or None")
-        if sharded and not (filename or DEFAULT_FILENAMES[when]).endswith(".safetensors"):
+        if settings.sharded and not (filename or DEFAULT_FILENAMES[when]).endswith(".safetensors"):
             raise ValueError(
                 f"filename={filename!r}: sharded=True needs a '<stem>.safetensors' name (the index is "
                 "<stem>.index.json)"
             )
         self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.settings = settings
         self.dataloader = dataloader
-        self.max_batches = max_batches
-        self.max_samples = max_samples
-        self.batch_size = batch_size
-        self.mode = mode
-        self.fisher = fisher
-        self.mc_samples = mc_samples
-        self.position = position
-        self.bias = bias
         self.when = when
         self.every_n_epochs = every_n_epochs
         self.output_dir = output_dir
         self.filename = filename or DEFAULT_FILENAMES[when]
-        self.dtype = dtype
-        self.seed = seed
-        self.on_non_linear = on_non_linear
-        self.store = store
-        self.drop_last_position = drop_last_position
         self.adapter = adapter
         self.log_spectra = log_spectra
-        self.sharded = sharded
-        self.offload_to_cpu = offload_to_cpu
-        self.separate_passes = separate_passes
-        self.memory_budget_gb = memory_budget_gb
         self.layer_names: list[str] = []
         self.saved_paths: list[str] = []
         self.last_throughput: dict[str, float] = {}
         self.memory_plan: MemoryPlan | None = None
+        self.pass_settings: FactorSettings | None = None  # ``settings`` with drop_last_position decided (by setup)
         self._fingerprint: str | None = None
         self._dims: dict[str, tuple[int, int]] = {}
 
     # -- eager checks against the model ----------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.layer_names = select_linear_layers(pl_module, self.layers, self.on_non_linear)
+        settings = self.settings
+        self.layer_names = select_linear_layers(pl_module, self.layers, settings.on_non_linear)
         if self.adapter is None:
             make_adapter = getattr(pl_module, "fisher_adapter", None)
             self.adapter = make_adapter() if callable(make_adapter) else ClassificationAdapter()
-        if self.drop_last_position is None:
-            self.drop_last_position = bool(getattr(self.adapter, "drop_last_position", False))
-        if _is_fsdp(trainer) and not self.sharded:
+        self.pass_settings = settings.resolve(self.adapter)
+        if _is_fsdp(trainer) and not settings.sharded:
             raise ValueError(
-                f"{type(trainer.strategy).__name__}: KFACFactors under FSDP needs sharded=True (parameters are sharded "
-                "views there; the sharded writer reads layer shapes from the modules and the fingerprint from setup)"
+                f"{type(trainer.strategy).__name__}: KFACFactors under FSDP needs settings.sharded=True (parameters "
+                "are sharded views there; the sharded writer reads layer shapes from the modules and the fingerprint "
+                "from setup)"
             )
         rank_zero_info(f"memcurve: K-FAC factors for {len(self.layer_names)} layers ({self.when}): {self.layer_names}")
         # Before the strategy wraps the model (FSDP shards parameters and renames modules): shapes and fingerprint.
-        self._dims = layer_dims(pl_module, self.layer_names, self.bias)
+        self._dims = layer_dims(pl_module, self.layer_names, settings.bias)
         self._fingerprint = model_fingerprint(pl_module)
         self.memory_plan = plan_memory(
             self._dims,
             self.owners(trainer.world_size),
             world_size=trainer.world_size,
-            dtype=self.dtype,
-            store=self.store,
-            separate_passes=self.separate_passes,
-            offload_to_cpu=self.offload_to_cpu,
+            dtype=settings.dtype,
+            store=settings.store,
+            separate_passes=settings.separate_passes,
+            offload_to_cpu=settings.offload_to_cpu,
         )
         rank_zero_info("memcurve: " + self.memory_plan.table())
-        self.memory_plan.check(self.memory_budget_gb)
+        self.memory_plan.check(settings.memory_budget_gb)
 
     def owners(self, world_size: int) -> dict[str, int]:
         """``{layer: rank}``: balanced owners when sharded (:func:`~memcurve.curvature.owners.assign_owners`),
         else global rank zero for every layer."""
-        if not self.sharded:
+        if not self.settings.sharded:
             return dict.fromkeys(self.layer_names, 0)
         return assign_owners({name: a * a + g * g for name, (a, g) in self._dims.items()}, world_size)
 
@@ -290,12 +218,13 @@ class KFACFactors(ScheduledAnalysis):
         if isinstance(loader, (list, tuple)):
             loader = loader[0]
         dataset = loader.dataset
-        if self.max_samples is not None:
-            dataset = Subset(dataset, range(min(self.max_samples, len(dataset))))
+        max_samples = self.settings.max_samples
+        if max_samples is not None:
+            dataset = Subset(dataset, range(min(max_samples, len(dataset))))
         sampler = unpadded_shard_sampler(dataset, trainer)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size or loader.batch_size or 1,
+            batch_size=self.settings.batch_size or loader.batch_size or 1,
             sampler=sampler,
             shuffle=False,
             num_workers=loader.num_workers,
@@ -310,32 +239,22 @@ class KFACFactors(ScheduledAnalysis):
         return folder / self.filename.format(epoch=trainer.current_epoch, step=trainer.global_step)
 
     def index_path(self, trainer: pl.Trainer) -> Path:
-        """Where ``sharded=True`` writes the index: ``output_path`` with ``.safetensors`` → ``.index.json``."""
+        """Where ``settings.sharded`` writes the index: ``output_path`` with ``.safetensors`` → ``.index.json``."""
         path = self.output_path(trainer)
         return path.with_name(path.name.removesuffix(".safetensors") + ".index.json")
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "position": self.position,
-            "bias": self.bias,
-            "dtype": self.dtype,
-            "drop_last_position": self.drop_last_position,
-            "fisher_type": self.fisher,
-            "mc_samples": self.mc_samples,
-        }
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
         """Run the factor pass on every rank; owners decompose, the file or shards + index are written.
 
         Returns the factor file (or, with ``sharded``, the index) path, on every rank.
         """
-        if not self.layer_names:
+        if not self.layer_names or self.pass_settings is None:
             self.setup(trainer, pl_module, "fit")
+        settings = self.pass_settings
         loader = self.factor_dataloader(trainer)
         owners = self.owners(trainer.world_size)
-        passes = [("A",), ("G",)] if self.separate_passes else [("A", "G")]
-        n_batches = len(loader) if self.max_batches is None else min(len(loader), self.max_batches)
+        passes = [("A",), ("G",)] if settings.separate_passes else [("A", "G")]
+        n_batches = len(loader) if settings.max_batches is None else min(len(loader), settings.max_batches)
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         meter = Throughput(pl_module.device)
         with tqdm(desc="K-FAC factors", total=n_batches * len(passes), disable=not show, leave=False) as bar:
@@ -345,30 +264,22 @@ class KFACFactors(ScheduledAnalysis):
                     pl_module,
                     meter.count(itertools.islice(loader, n_batches), self.adapter, bar),
                     self.layer_names,
+                    settings,
                     adapter=self.adapter,
-                    fisher_type=self.fisher,
-                    mc_samples=self.mc_samples,
-                    seed=self.seed,
-                    mode=self.mode,
-                    position=self.position,
-                    bias=self.bias,
-                    dtype=self.dtype,
-                    drop_last_position=self.drop_last_position,
                     to_device=lambda batch: move_data_to_device(batch, pl_module.device),
                     factors=factors,
-                    offload_to_cpu=self.offload_to_cpu,
                     forward_module=self.forward_module(trainer, pl_module),
                 )
                 reduced = reduce_to_owners(local, owners, factors=factors)
                 del local  # non-owners keep nothing of these layers
-                owned = _merge_passes(owned, reduced) if owned else reduced
+                owned = merge_passes(owned, reduced) if owned else reduced
                 if factors == ("A",):  # the reduced A sums wait in host memory during the G pass
                     owned = {n: LayerSums(s.A_sum.cpu(), s.G_sum, s.count_A, s.count_G) for n, s in owned.items()}
         meter.stop()  # the pass: forwards, backwards and reductions; then the owners decompose
         results = {}
         for name in sorted(owned):  # one layer at a time; each result moves to host memory
             factors_ = owned.pop(name).normalize(name)
-            if self.store == "eigen":
+            if settings.store == "eigen":
                 eigen = eigendecompose_layer(factors_, name)
                 results[name] = LayerEigen(*(t.cpu() for t in _eigen_tensors(eigen)), eigen.count_A, eigen.count_G)
             else:
@@ -377,22 +288,22 @@ class KFACFactors(ScheduledAnalysis):
         self.last_throughput = meter.finish()
         self.report_throughput(trainer)
         extra = {
-            "seed": self.seed,
+            "seed": settings.seed,
             "dataloader": self.dataloader if isinstance(self.dataloader, str) else "callable",
-            "max_batches": self.max_batches,
-            "max_samples": self.max_samples,
+            "max_batches": settings.max_batches,
+            "max_samples": settings.max_samples,
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
             "layer_patterns": self.layers,
         }
-        if self.sharded:
+        if settings.sharded:
             path = self.output_path(trainer)
             path = save_sharded_factors(
                 path.parent,
                 results,
                 model=pl_module,
-                settings=self.settings(),
+                settings=settings.file_settings(),
                 owners=owners,
                 world_size=trainer.world_size,
                 stem=path.name.removesuffix(".safetensors"),
@@ -403,12 +314,12 @@ class KFACFactors(ScheduledAnalysis):
         else:
             path = self.output_path(trainer)
             if trainer.is_global_zero:
-                save_factors(path, results, model=pl_module, settings=self.settings(), extra=extra)
+                save_factors(path, results, model=pl_module, settings=settings.file_settings(), extra=extra)
             written = f"{len(owners)} layers"
         if trainer.is_global_zero:
             self.saved_paths.append(str(path))
             rank_zero_info(f"memcurve: K-FAC factors of {written} written to {path}")
-        if self.log_spectra and self.store == "eigen":
+        if self.log_spectra and settings.store == "eigen":
             spectra = _gather_spectra(results)
             if trainer.is_global_zero:
                 self.log_spectrum(trainer, spectra)
@@ -430,7 +341,7 @@ class KFACFactors(ScheduledAnalysis):
         rank_zero_info(
             f"memcurve: K-FAC pass: {t['count']:,.0f} {unit} in {t['seconds']:.1f} s over {t['world_size']:.0f} "
             f"rank(s): {t['per_second']:,.0f} {unit}/s; eigendecompositions {t['eigh_seconds']:.1f} s; peak memory "
-            f"{format_bytes(t['peak_memory_bytes'])} ({t['peak_memory_kind']}, max over ranks)"
+            f"{_format_peak(t['peak_memory_bytes'])} ({t['peak_memory_kind']}, max over ranks)"
         )
         if trainer.logger is not None:
             key = "tokens" if unit == "tokens" else "examples"
@@ -462,28 +373,16 @@ class KFACFactors(ScheduledAnalysis):
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
 
+def _format_peak(peak: float) -> str:
+    return "unavailable" if peak != peak else format_bytes(peak)  # NaN: no way to measure it here
+
+
 def _is_fsdp(trainer: pl.Trainer) -> bool:
     return "FSDP" in type(trainer.strategy).__name__
 
 
 def _eigen_tensors(eigen: LayerEigen) -> tuple[torch.Tensor, ...]:
     return eigen.eigvals_A, eigen.eigvecs_A, eigen.eigvals_G, eigen.eigvecs_G
-
-
-def _merge_passes(first: Mapping[str, LayerSums], second: Mapping[str, LayerSums]) -> dict[str, LayerSums]:
-    """The A sums of the first pass with the G sums of the second; both passes must have seen the same data."""
-    merged = {}
-    for name, a_part in first.items():
-        g_part = second[name]
-        if int(a_part.count_A) != int(g_part.count_A):
-            raise RuntimeError(
-                f"separate_passes: layer {name!r} counted {int(a_part.count_A)} samples in the A pass and "
-                f"{int(g_part.count_A)} in the G pass; both passes must see the same data (a sequential dataloader "
-                "without random augmentation)"
-            )
-        device = g_part.G_sum.device
-        merged[name] = LayerSums(a_part.A_sum.to(device), g_part.G_sum, a_part.count_A.to(device), g_part.count_G)
-    return merged
 
 
 def _gather_spectra(results: Mapping[str, LayerEigen | LayerFactors]) -> dict[str, LayerEigen]:
@@ -558,7 +457,8 @@ class Throughput:
     """Counts tokens (or examples) of the batches it lets through, times the pass and reads peak memory.
 
     Peak memory: ``torch.cuda.max_memory_allocated`` on a CUDA device (reset at the start), else the process's
-    maximum resident set size (``getrusage``, over its whole life so far). ``stop`` ends the clock of the pass
+    maximum resident set size (``getrusage``, over its whole life so far) where the ``resource`` module exists,
+    else NaN (kind ``"unavailable"``, e.g. a CPU pass on Windows). ``stop`` ends the clock of the pass
     (``seconds``, what tokens/s divides by); ``finish`` — after the eigendecompositions, whose time it reports as
     ``eigh_seconds`` and whose memory counts in the peak — sums the counts and takes the maxima of times and
     memory over ranks (a collective when distributed).
@@ -604,8 +504,11 @@ class Throughput:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak, kind = float(torch.cuda.max_memory_allocated(self.device)), "cuda max allocated"
+        elif resource is not None:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+            peak, kind = float(rss if sys.platform == "darwin" else rss * 1024), "max RSS"
         else:
-            peak, kind = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "max RSS"
+            peak, kind = float("nan"), "unavailable"
         now = time.perf_counter()
         stopped = self.stopped if self.stopped is not None else now
         seconds, eigh_seconds = stopped - self.start, now - stopped
@@ -631,65 +534,3 @@ class Throughput:
             "peak_memory_kind": kind,
             "world_size": world_size,
         }
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Collect factors for a finished checkpoint: the config gives model and data, the checkpoint the weights."""
-    parser = argparse.ArgumentParser(prog="python -m memcurve.callbacks.kfac_factors", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="the run's config (e.g. configs/vit_digits_noisy.yaml)")
-    parser.add_argument(
-        "--ckpt",
-        default=None,
-        help="Lightning checkpoint of that run (default: the config's model as built, e.g. "
-        "pretrained weights of a hub model)",
-    )
-    parser.add_argument("--layers", nargs="+", required=True, help="module-name globs or re:<regex>")
-    parser.add_argument("--output", required=True, help="factor file to write (.safetensors)")
-    parser.add_argument("--dataloader", default="train", choices=DATALOADERS)
-    parser.add_argument("--fisher", default="sampled", choices=FISHER_TYPES)
-    parser.add_argument("--mc-samples", type=int, default=1)
-    parser.add_argument("--mode", default="expand", choices=MODES)
-    parser.add_argument("--position", default="all", choices=POSITIONS)
-    parser.add_argument("--bias", default="exclude", choices=BIAS_MODES)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--max-batches", type=int, default=None)
-    parser.add_argument("--max-samples", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="1")
-    args = parser.parse_args(argv)
-    ckpt = Path(args.ckpt) if args.ckpt is not None else None
-    if ckpt is not None and not ckpt.is_file():
-        raise FileNotFoundError(f"--ckpt '{ckpt}' does not exist")
-    output = Path(args.output)
-    from memcurve.train import instantiate  # deferred: the CLI module imports every component
-
-    cli = instantiate(args.config)
-    callback = KFACFactors(
-        layers=args.layers,
-        dataloader=args.dataloader,
-        max_batches=args.max_batches,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-        mode=args.mode,
-        fisher=args.fisher,
-        mc_samples=args.mc_samples,
-        position=args.position,
-        bias=args.bias,
-        when="validate",
-        output_dir=str(output.parent),
-        filename=output.name,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
-    devices: int | str = int(args.devices) if args.devices.isdigit() else args.devices
-    trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=devices, logger=False, callbacks=[callback], enable_checkpointing=False
-    )
-    trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None, verbose=False)
-    return output
-
-
-if __name__ == "__main__":
-    main()

@@ -1,18 +1,14 @@
 """SVDPruning: the baseline edit — keep the top singular directions of each selected weight matrix.
 
 W = U diag(σ) Vᵀ → W' = U_k diag(σ_k) V_kᵀ, with k the smallest rank whose σ² hold ``energy`` of Σσ² (or the
-top ``keep_fraction`` of the singular directions). Same interface, files and report as
+top ``keep_fraction`` of the singular directions). Same pipeline, files and report as
 :class:`~memcurve.callbacks.KFACPruning`, so the two compare on equal terms; no factors needed.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from memcurve.callbacks.checkpoint_pruning import CheckpointPruning, PruningSpec
-from memcurve.curvature import edit_state_dict
+from memcurve.callbacks.checkpoint_pruning import CheckpointPruning
+from memcurve.editing import requests_for
 
 __all__ = ["SVDPruning"]
 
@@ -37,11 +33,5 @@ class SVDPruning(CheckpointPruning):
         output_dir: str | None = None,
         save_pruned: bool = True,
     ) -> None:
-        super().__init__("svd", layers, energy, keep_fraction, when, evaluate, output_dir, save_pruned)
-
-    def edit_state_dict(
-        self, state_dict: dict[str, torch.Tensor], spec: PruningSpec, checkpoint: dict[str, Any]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return edit_state_dict(
-            state_dict, None, self.layer_names, method="svd", energy=spec.energy, keep_fraction=spec.keep_fraction
-        )
+        super().__init__(layers, when, evaluate, output_dir, save_pruned)
+        self.requests = requests_for("svd", self.layers, energy=energy, keep_fraction=keep_fraction)

@@ -6,20 +6,25 @@ Nothing here imports Lightning. A typical use::
         for batch in loader:
             tracker.set_mask(mask)                      # optional [B, T] valid positions
             logits = model(inputs)
-            fisher_backward(logits, fisher_type="sampled", seed=0, example_index=indices, mc_samples=1, mask=mask)
+            fisher_backward(logits, fisher="sampled", seed=0, example_index=indices, mc_samples=1, mask=mask)
     factors = tracker.finalize(reduce_across_ranks=True)   # {name: LayerFactors(A, G, count_A, count_G)}
     eigen = eigendecompose(factors)                         # {name: LayerEigen}, float64, descending
-    save_factors(path, eigen, model=model, settings={**tracker.settings(), "fisher_type": "sampled", "mc_samples": 1})
+    save_factors(path, eigen, model=model, settings={**tracker.settings(), "fisher": "sampled", "mc_samples": 1})
+
+The same pass in one call, every option in one frozen :class:`FactorSettings` (validated once)::
+
+    factors = collect_factors(model, loader, layer_names, FactorSettings(fisher="empirical", dtype="float64"))
 
 At scale (``sharded``): every rank accumulates with ``collect_sums``, ``reduce_to_owners`` sends each layer to one
 owning rank (``assign_owners``), owners eigendecompose and ``save_sharded_factors`` writes per-rank shards plus an
 index that ``load_factors`` reads lazily; ``plan_memory`` sizes it all beforehand.
 
-Modules: ``sums`` (accumulators, normalisation, cross-rank sum), ``tracker`` (hooks), ``fisher`` (targets),
-``collect`` (the factor pass), ``owners`` (one owning rank per layer), ``eigen``, ``selection``, ``edit``,
-``bands``, ``balanced_subnet``, ``factor_file`` / ``sharded_storage`` / ``storage`` (formats and the reader),
-``memory_plan``, ``layers`` (linear-layer shapes, layouts and names). Nothing here imports Lightning or
-transformers; the HF and checkpoint integration lives in :mod:`memcurve.editing`.
+Modules: ``settings`` (``FactorSettings``: the options of a pass), ``sums`` (accumulators, normalisation,
+cross-rank sum), ``tracker`` (hooks), ``fisher`` (targets), ``collect`` (the factor pass), ``owners`` (one owning
+rank per layer), ``eigen``, ``selection``, ``edit``, ``bands``, ``balanced_subnet``, ``factor_file`` /
+``sharded_storage`` / ``storage`` (formats and the reader), ``memory_plan``, ``layers`` (linear-layer shapes,
+layouts and names). Nothing here imports Lightning or transformers; the HF and checkpoint integration lives in
+:mod:`memcurve.editing`.
 
 Conventions (normalisation, modes, masks, bias, seeding, ties) are documented in each module's docstring.
 """
@@ -62,6 +67,7 @@ from memcurve.curvature.selection import (
     threshold_for_energy,
     threshold_for_keep_fraction,
 )
+from memcurve.curvature.settings import FactorSettings
 from memcurve.curvature.sharded_storage import ShardedLayers, load_sharded_factors, save_sharded_factors
 from memcurve.curvature.storage import (
     FactorFileError,
@@ -94,6 +100,7 @@ __all__ = [
     "BalancedSubnetResult",
     "BandBasis",
     "FactorFileError",
+    "FactorSettings",
     "KFACTracker",
     "LayerEdit",
     "LayerEigen",

@@ -6,6 +6,9 @@ hooks on, draws Fisher targets and backpropagates only down to the tracked layer
 mode and every ``requires_grad`` flag are restored afterwards, also after an error. It works inside
 ``torch.inference_mode`` / ``no_grad`` contexts (e.g. a validation hook): gradients are re-enabled locally.
 
+Every option of the pass comes in one :class:`~memcurve.curvature.settings.FactorSettings`; the tracker is built
+from it in one place (``ScaleTracker.from_settings``).
+
 How logits, labels, example indices and masks come out of a batch is the job of a :class:`FisherAdapter`;
 :class:`ClassificationAdapter` covers image classifiers (the ViT), a causal-LM adapter lives with the LM
 module. Example indices seed the sampled Fisher (same draws for any batch size); a batch without indices
@@ -22,13 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from memcurve.adapters import ClassificationAdapter, FisherAdapter
-from memcurve.curvature.fisher import FISHER_TYPES, fisher_backward
+from memcurve.curvature.fisher import fisher_backward
 from memcurve.curvature.layers import _CleanNames, linear_shape, named_linear_modules
+from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
 from memcurve.curvature.sums import FACTORS, LayerFactors, LayerSums, all_reduce_sums
 from memcurve.curvature.tracker import KFACTracker
 from memcurve.utils.distributed import rank_and_world
 
-__all__ = ["ScaleTracker", "collect_factors", "collect_sums"]
+__all__ = ["ScaleTracker", "collect_factors", "collect_sums", "merge_passes"]
 
 
 def _normal_tensors(batch: Any) -> Any:
@@ -68,6 +72,32 @@ class ScaleTracker(KFACTracker):
         self.offload_to_cpu = bool(offload_to_cpu)
         super().__init__(_CleanNames(model), layer_names, **kwargs)
 
+    @classmethod
+    def from_settings(
+        cls,
+        model: nn.Module,
+        layer_names: Sequence[str],
+        settings: FactorSettings,
+        *,
+        factors: Sequence[str] = FACTORS,
+        record_outputs: bool = True,
+    ) -> ScaleTracker:
+        """The tracker of a pass with ``settings`` (``drop_last_position`` decided: ``FactorSettings.resolve``)."""
+        if settings.drop_last_position is None:
+            raise ValueError("drop_last_position=None: decide it first with FactorSettings.resolve(adapter)")
+        return cls(
+            model,
+            layer_names,
+            factors=factors,
+            offload_to_cpu=settings.offload_to_cpu,
+            mode=settings.mode,
+            position=settings.position,
+            bias=settings.bias,
+            dtype=settings.dtype,
+            drop_last_position=settings.drop_last_position,
+            record_outputs=record_outputs,
+        )
+
     def reset(self) -> None:
         for name, module in self.modules.items():
             dev = torch.device("cpu") if self.offload_to_cpu else module.weight.device
@@ -100,24 +130,24 @@ class ScaleTracker(KFACTracker):
         return rows, count
 
 
+def _check_settings(settings: Any) -> FactorSettings:
+    if not isinstance(settings, FactorSettings):
+        raise TypeError(
+            f"settings must be a memcurve.curvature.FactorSettings (e.g. FactorSettings(fisher='empirical')), "
+            f"not {type(settings).__name__}"
+        )
+    return settings
+
+
 def collect_sums(
     model: nn.Module,
     batches: Iterable[Any],
     layer_names: Sequence[str],
+    settings: FactorSettings = DEFAULT_SETTINGS,
     *,
     adapter: FisherAdapter | None = None,
-    fisher_type: str = "sampled",
-    mc_samples: int = 1,
-    seed: int = 0,
-    mode: str = "expand",
-    position: str = "all",
-    bias: str = "exclude",
-    dtype: torch.dtype | str = torch.float32,
-    drop_last_position: bool = False,
-    max_batches: int | None = None,
     to_device: Callable[[Any], Any] | None = None,
     factors: Sequence[str] = FACTORS,
-    offload_to_cpu: bool = False,
     forward_module: Callable[..., Any] | None = None,
 ) -> dict[str, LayerSums]:
     """This rank's UNREDUCED K-FAC sums ``{layer: LayerSums}`` (the pass of :func:`collect_factors`).
@@ -125,17 +155,13 @@ def collect_sums(
     Same pass as :func:`memcurve.curvature.collect_factors` — eval mode, Fisher targets seeded by example
     index, backward to the layer outputs only, train mode and ``requires_grad`` restored — but it returns the
     local sums for :func:`reduce_to_owners`, and: ``factors=("A",)`` runs forwards only (no Fisher targets, no
-    backward), ``("G",)`` accumulates G only; ``offload_to_cpu`` keeps the sums in host memory;
+    backward), ``("G",)`` accumulates G only; ``settings.offload_to_cpu`` keeps the sums in host memory;
     ``forward_module`` is what the adapter calls for the logits (default ``model``; under FSDP the root
-    wrapper, see ``KFACFactors``). Layer names are clean names (wrapper segments removed).
+    wrapper, see ``KFACFactors``). Layer names are clean names (wrapper segments removed). At most
+    ``settings.max_batches`` batches are read; ``drop_last_position=None`` means the adapter's default.
     """
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type={fisher_type!r} is not supported; choose one of {FISHER_TYPES}")
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples={mc_samples!r} must be an integer >= 1")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches={max_batches!r} must be a positive integer or None")
     adapter = adapter or ClassificationAdapter()
+    settings = _check_settings(settings).resolve(adapter)
     backward = "G" in tuple(factors)
     modules = named_linear_modules(model)
     weights = [modules[name].weight for name in layer_names if name in modules]
@@ -148,22 +174,11 @@ def collect_sums(
         for weight in weights:
             weight.requires_grad_(True)
         with torch.inference_mode(False), torch.enable_grad():
-            tracker = ScaleTracker(
-                model,
-                layer_names,
-                factors=factors,
-                offload_to_cpu=offload_to_cpu,
-                mode=mode,
-                position=position,
-                bias=bias,
-                dtype=dtype,
-                drop_last_position=drop_last_position,
-                record_outputs=backward,
-            )
+            tracker = ScaleTracker.from_settings(model, layer_names, settings, factors=factors, record_outputs=backward)
             with tracker:
                 seen = 0
                 for step, batch in enumerate(batches):
-                    if max_batches is not None and step >= max_batches:
+                    if settings.max_batches is not None and step >= settings.max_batches:
                         break
                     batch = _normal_tensors(to_device(batch) if to_device is not None else batch)
                     tracker.set_mask(adapter.position_mask(batch))
@@ -176,11 +191,11 @@ def collect_sums(
                     seen += logits.shape[0]
                     fisher_backward(
                         logits,
-                        fisher_type=fisher_type,
-                        labels=adapter.labels(batch) if fisher_type == "empirical" else None,
-                        seed=seed,
+                        fisher=settings.fisher,
+                        labels=adapter.labels(batch) if settings.fisher == "empirical" else None,
+                        seed=settings.seed,
                         example_index=index,
-                        mc_samples=mc_samples,
+                        mc_samples=settings.mc_samples,
                         mask=adapter.loss_mask(batch),
                         inputs=tracker.take_outputs(),
                     )
@@ -191,47 +206,52 @@ def collect_sums(
         model.train(was_training)
 
 
+def merge_passes(first: Mapping[str, LayerSums], second: Mapping[str, LayerSums]) -> dict[str, LayerSums]:
+    """The A sums of the first pass with the G sums of the second; both passes must have seen the same data."""
+    merged = {}
+    for name, a_part in first.items():
+        g_part = second[name]
+        if int(a_part.count_A) != int(g_part.count_A):
+            raise RuntimeError(
+                f"separate_passes: layer {name!r} counted {int(a_part.count_A)} samples in the A pass and "
+                f"{int(g_part.count_A)} in the G pass; both passes must see the same data (a sequential dataloader "
+                "without random augmentation)"
+            )
+        device = g_part.G_sum.device
+        merged[name] = LayerSums(a_part.A_sum.to(device), g_part.G_sum, a_part.count_A.to(device), g_part.count_G)
+    return merged
+
+
 def collect_factors(
     model: nn.Module,
     batches: Iterable[Any],
     layer_names: Sequence[str],
+    settings: FactorSettings = DEFAULT_SETTINGS,
     *,
     adapter: FisherAdapter | None = None,
-    fisher_type: str = "sampled",
-    mc_samples: int = 1,
-    seed: int = 0,
-    mode: str = "expand",
-    position: str = "all",
-    bias: str = "exclude",
-    dtype: torch.dtype | str = torch.float32,
-    drop_last_position: bool = False,
-    max_batches: int | None = None,
     to_device: Callable[[Any], Any] | None = None,
     reduce_across_ranks: bool = True,
 ) -> dict[str, LayerFactors]:
     """K-FAC factors ``{layer: LayerFactors(A, G, counts)}`` of ``layer_names`` over ``batches``.
 
-    ``max_batches`` counts batches of this process. With ``reduce_across_ranks`` (and an initialised
-    process group) sums and counts are all-reduced before normalising, so every rank returns the factors of
-    all ranks' data; every rank must then call this function.
+    ``settings.max_batches`` counts batches of this process; with ``settings.separate_passes`` A and G come from
+    two passes over ``batches`` (which must then be re-iterable: a list or a DataLoader, not an iterator). With
+    ``reduce_across_ranks`` (and an initialised process group) sums and counts are all-reduced before
+    normalising, so every rank returns the factors of all ranks' data; every rank must then call this function.
     """
     # One implementation of the pass: the local sums of collect_sums, then (optionally) all-reduced and normalised.
-    sums = collect_sums(
-        model,
-        batches,
-        layer_names,
-        adapter=adapter,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        seed=seed,
-        mode=mode,
-        position=position,
-        bias=bias,
-        dtype=dtype,
-        drop_last_position=drop_last_position,
-        max_batches=max_batches,
-        to_device=to_device,
-    )
+    settings = _check_settings(settings)
+    options = {"adapter": adapter, "to_device": to_device}
+    if settings.separate_passes:
+        if iter(batches) is batches:
+            raise ValueError(
+                "separate_passes=True reads the batches twice (A pass, then G pass): pass a list or a DataLoader, "
+                f"not a one-shot {type(batches).__name__}"
+            )
+        first = collect_sums(model, batches, layer_names, settings, factors=("A",), **options)
+        sums = merge_passes(first, collect_sums(model, batches, layer_names, settings, factors=("G",), **options))
+    else:
+        sums = collect_sums(model, batches, layer_names, settings, **options)
     if reduce_across_ranks:
         sums = all_reduce_sums(sums)
     return {name: layer_sums.normalize(name) for name, layer_sums in sums.items()}

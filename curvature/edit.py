@@ -146,7 +146,7 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method={method!r} is not supported; choose one of {EDIT_METHODS}")
 
 
-def _criterion(energy: float | None, keep_fraction: float | None) -> tuple[str, float]:
+def check_strength(energy: float | None, keep_fraction: float | None) -> tuple[str, float]:
     """``("energy" | "keep_fraction", value)`` after checking that exactly one is given and lies in (0, 1]."""
     if (energy is None) == (keep_fraction is None):
         raise ValueError(
@@ -356,7 +356,7 @@ def edit_layer(
     transposed); the returned weight has the same layout.
     """
     _check_method(method)
-    criterion = _criterion(energy, keep_fraction)
+    criterion = check_strength(energy, keep_fraction)
     check_layout(weight_layout)
     if method == "svd" and eigen is not None:
         raise ValueError(f"layer {name!r}: method='svd' uses no curvature factors; pass eigen=None")
@@ -403,7 +403,7 @@ def edit_state_dict(
     ``"out_in"``). It is never guessed from the shape. The edited weights are returned in their stored layout.
     """
     _check_method(method)
-    criterion = _criterion(energy, keep_fraction)
+    criterion = check_strength(energy, keep_fraction)
     if isinstance(layer_names, str) or not isinstance(layer_names, Sequence):
         raise TypeError(f"layer_names must be a sequence of layer names, got {layer_names!r}")
     names = list(layer_names)

@@ -4,11 +4,13 @@ File layout: one safetensors file. Tensors are named ``"<layer>/A"`` and ``"<lay
 ``"factors"``) or ``"<layer>/eigvals_A"``, ``"<layer>/eigvecs_A"``, ``"<layer>/eigvals_G"``,
 ``"<layer>/eigvecs_G"`` (kind ``"eigen"``). The safetensors metadata holds one JSON document under the key
 ``"memcurve"`` with: ``format``, ``version``, ``kind``, ``model_fingerprint``, ``settings`` (``mode``,
-``position``, ``bias``, ``dtype``, ``drop_last_position``, ``fisher_type``, ``mc_samples`` and anything
-else passed), ``layers`` (per layer ``in_features``, ``out_features``, ``homogeneous``, ``count_A``,
-``count_G`` and ``weight_layout``: ``"out_in"`` for ``nn.Linear``, ``"in_out"`` for a transformers ``Conv1D`` whose
-weight is stored transposed; files written before this key existed mean ``"out_in"``) and ``tensors`` (per
-tensor ``shape``, ``dtype``, ``sha256`` of its bytes).
+``position``, ``bias``, ``dtype``, ``drop_last_position``, ``fisher``, ``mc_samples`` — what
+``FactorSettings.file_settings()`` gives — and anything else passed; files written before the rename say
+``fisher_type`` for ``fisher``, which the readers map with :func:`canonical_settings`), ``layers`` (per layer
+``in_features``, ``out_features``, ``homogeneous``, ``count_A``, ``count_G`` and ``weight_layout``: ``"out_in"``
+for ``nn.Linear``, ``"in_out"`` for a transformers ``Conv1D`` whose weight is stored transposed; files written
+before this key existed mean ``"out_in"``) and ``tensors`` (per tensor ``shape``, ``dtype``, ``sha256`` of its
+bytes).
 
 Model fingerprint: sha256 over the sorted ``(parameter name, shape)`` pairs of the module passed (its
 ``named_parameters()``; tied parameters once). Pass the same module on save and on load (e.g. the
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 from memcurve.curvature.eigen import LayerEigen
 from memcurve.curvature.fisher import FISHER_TYPES
 from memcurve.curvature.layers import WEIGHT_LAYOUTS, is_linear, linear_shape, weight_layout
+from memcurve.curvature.settings import FILE_SETTINGS
 from memcurve.curvature.sums import LayerFactors
 from memcurve.curvature.tracker import BIAS_MODES, DTYPES, MODES, POSITIONS
 from memcurve.utils.files import atomic_write
@@ -48,7 +51,9 @@ from memcurve.utils.files import atomic_write
 FORMAT = "memcurve.kfac"
 FORMAT_VERSION = 1
 METADATA_KEY = "memcurve"
-REQUIRED_SETTINGS = ("mode", "position", "bias", "dtype", "drop_last_position", "fisher_type", "mc_samples")
+REQUIRED_SETTINGS = FILE_SETTINGS
+# Settings renamed since files were first written: old name -> today's. Readers map them (canonical_settings).
+RENAMED_SETTINGS = {"fisher_type": "fisher"}
 KINDS = {"factors": ("A", "G"), "eigen": ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")}
 
 
@@ -93,12 +98,26 @@ ALLOWED_SETTINGS = {
     "bias": BIAS_MODES,
     "dtype": tuple(DTYPES),
     "drop_last_position": (False, True),
-    "fisher_type": FISHER_TYPES,
+    "fisher": FISHER_TYPES,
 }
 
 
+def canonical_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (of a file, an index or ``expect``) with old setting names mapped to today's
+    (``RENAMED_SETTINGS``: ``fisher_type`` → ``fisher``), so files written before a rename still load. A mapping
+    that holds both names is returned as it is (and refused by the checks)."""
+    settings = dict(settings)
+    for old, new in RENAMED_SETTINGS.items():
+        if old in settings and new not in settings:
+            settings[new] = settings.pop(old)
+    return settings
+
+
 def _settings_problem(settings: Mapping[str, Any]) -> str | None:
-    """Why ``settings`` is not a valid set of accumulation settings, or None."""
+    """Why ``settings`` is not a valid set of accumulation settings, or None (old names: see canonical_settings)."""
+    for old, new in RENAMED_SETTINGS.items():
+        if old in settings:
+            return f"setting {old!r} is the old name of {new!r}; pass {new}={settings[old]!r} instead"
     missing = [k for k in REQUIRED_SETTINGS if k not in settings]
     if missing:
         return f"settings lack {missing}; required keys are {list(REQUIRED_SETTINGS)}"
@@ -193,8 +212,9 @@ def save_factors(
 ) -> Path:
     """Write ``layers`` with their metadata to ``path`` atomically; returns the path.
 
-    ``settings`` must contain ``REQUIRED_SETTINGS`` (e.g. ``{**tracker.settings(), "fisher_type": ...,
-    "mc_samples": ...}``); ``extra`` is any JSON-serialisable information to keep alongside.
+    ``settings`` must contain ``REQUIRED_SETTINGS`` (e.g. ``FactorSettings(...).resolve(adapter).file_settings()``
+    or ``{**tracker.settings(), "fisher": ..., "mc_samples": ...}``); ``extra`` is any JSON-serialisable
+    information to keep alongside.
     """
     path = Path(path)
     if not layers:
@@ -276,7 +296,8 @@ def load_factor_file(
 ) -> StoredFactors:
     """Read and validate a factor file (see the module docstring).
 
-    ``expect`` pins settings, e.g. ``{"mode": "expand"}``; ``model`` (optional) must match the file.
+    ``expect`` pins settings, e.g. ``{"mode": "expand"}``; ``model`` (optional) must match the file. Old setting
+    names (``fisher_type``) are read as today's (``fisher``), in the file and in ``expect``.
     An index of sharded factors (``*.index.json``, :mod:`memcurve.curvature.sharded`) is read by
     ``load_sharded_factors``: the same checks, and ``layers`` is a lazy mapping (each layer read on first access).
     """
@@ -289,13 +310,16 @@ def load_factor_file(
     for key in ("kind", "model_fingerprint", "settings", "layers", "tensors"):
         if key not in meta:
             raise FactorFileError(f"{path}: metadata lacks {key!r}")
-    kind, settings, layer_meta, tensor_meta = meta["kind"], meta["settings"], meta["layers"], meta["tensors"]
+    kind, layer_meta, tensor_meta = meta["kind"], meta["layers"], meta["tensors"]
+    if not isinstance(meta["settings"], dict):
+        raise FactorFileError(f"{path}: settings is {meta['settings']!r}, expected a JSON object")
+    settings = canonical_settings(meta["settings"])
     if kind not in KINDS:
         raise FactorFileError(f"{path}: kind {kind!r}, expected one of {tuple(KINDS)}")
     problem = _settings_problem(settings)
     if problem:
         raise FactorFileError(f"{path}: {problem}")
-    for key, value in (expect or {}).items():
+    for key, value in canonical_settings(expect or {}).items():
         if settings.get(key) != value:
             raise FactorFileError(f"{path}: setting {key!r} is {settings.get(key)!r}, expected {value!r}")
 

@@ -1,6 +1,6 @@
 """Targets and losses for the Fisher backward passes that feed ``G``.
 
-Fisher types:
+Fisher types (the argument ``fisher`` here, in ``FactorSettings`` and in stored factor files):
 
 * ``sampled`` (the true Fisher, Monte-Carlo): targets ``y ~ p_θ(y | x)`` drawn from the model's own
   softmax, ``mc_samples`` independent draws per position. Each draw gets its own backward pass, so the
@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from memcurve.utils.arguments import check_choice
 
 FISHER_TYPES = ("sampled", "empirical")
 
@@ -136,7 +138,7 @@ def _backward(loss: Tensor, inputs: Sequence[Tensor] | None, retain_graph: bool)
 def fisher_backward(
     logits: Tensor,
     *,
-    fisher_type: str = "sampled",
+    fisher: str = "sampled",
     labels: Tensor | None = None,
     seed: int = 0,
     example_index: Tensor | Sequence[int] | None = None,
@@ -155,11 +157,10 @@ def fisher_backward(
     gradient is computed only down to those tensors with ``torch.autograd.grad``: no ``.grad`` is touched and
     no weight gradient is computed, which is all the tracker's output hooks need.
     """
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type={fisher_type!r} is not supported; choose one of {FISHER_TYPES}")
-    if fisher_type == "empirical":
+    check_choice("fisher", fisher, FISHER_TYPES)
+    if fisher == "empirical":
         if labels is None:
-            raise ValueError("fisher_type='empirical' needs labels (the data targets)")
+            raise ValueError("fisher='empirical' needs labels (the data targets)")
         if mc_samples != 1:
             raise ValueError(
                 f"mc_samples={mc_samples}: the empirical Fisher uses the fixed labels, mc_samples must be 1"
@@ -168,7 +169,7 @@ def fisher_backward(
         _backward(loss, inputs, retain_graph=False)
         return loss.detach()
     if example_index is None:
-        raise ValueError("fisher_type='sampled' needs example_index (each example's global index, for seeding)")
+        raise ValueError("fisher='sampled' needs example_index (each example's global index, for seeding)")
     targets = sample_targets(logits, seed=seed, example_index=example_index, mc_samples=mc_samples)
     total = logits.new_zeros((), dtype=torch.float64)
     for d in range(mc_samples):

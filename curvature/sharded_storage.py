@@ -8,12 +8,7 @@ included), so after it a rank holds only the layers it owns. The owner normalise
 and writes its layers to its own shard file; global rank zero writes an index naming, per layer, the file,
 the owner, shapes and counts, with the settings, the model fingerprint and the sha256 of every shard.
 
-Owners (:func:`assign_owners`). Greedy least-loaded, largest layer first (Graham's LPT rule): layers sorted by
-size (``d_in² + d_out²`` elements) descending, ties by name, each to the rank with the smallest load so far
-(ties: the lowest rank). With equal sizes — gate and up projections of one model — this is exactly
-round-robin (EleutherAI's bergson assigns round-robin by size); with unequal sizes plain round-robin can be far
-from balanced (sizes 5, 4, 3, 3, 3 on two ranks: 11 vs 7), LPT is within 4/3 of the best split. Deterministic:
-every rank computes the same owners from the same layer shapes, nothing is communicated.
+Owners: :func:`memcurve.curvature.owners.assign_owners` (largest layer first, to the least-loaded rank).
 
 Files. For the stem ``kfac`` and world size ``w``: ``kfac-rank00000-of-0000w.safetensors``, ... — one file per
 rank that owns at least one layer, each a regular memcurve factor file (:func:`memcurve.curvature.save_factors`
@@ -71,6 +66,7 @@ from memcurve.curvature.factor_file import (
     _kind_of,
     _settings_problem,
     _sha256,
+    canonical_settings,
     check_layers_match_model,
     model_fingerprint,
 )
@@ -384,6 +380,8 @@ class ShardedLayers(Mapping):
             raise FactorFileError(
                 f"{where} is not a readable memcurve factor file ({type(exc).__name__}: {exc})"
             ) from exc
+        if isinstance(meta.get("settings"), dict):
+            meta["settings"] = canonical_settings(meta["settings"])  # as the index's (old files: fisher_type)
         for key, want in (
             ("format", FORMAT),
             ("version", FORMAT_VERSION),
@@ -461,6 +459,9 @@ def _read_index(path: Path) -> dict[str, Any]:
             raise FactorFileError(f"{path}: the index lacks {key!r}")
     if index["kind"] not in KINDS:
         raise FactorFileError(f"{path}: kind {index['kind']!r}, expected one of {tuple(KINDS)}")
+    if not isinstance(index["settings"], dict):
+        raise FactorFileError(f"{path}: settings is {index['settings']!r}, expected a JSON object")
+    index["settings"] = canonical_settings(index["settings"])  # indexes written before a rename: fisher_type
     problem = _settings_problem(index["settings"])
     if problem:
         raise FactorFileError(f"{path}: {problem}")
@@ -505,7 +506,7 @@ def load_sharded_factors(
     path = Path(path)
     index = _read_index(path)
     settings = index["settings"]
-    for key, value in (expect or {}).items():
+    for key, value in canonical_settings(expect or {}).items():
         if settings.get(key) != value:
             raise FactorFileError(f"{path}: setting {key!r} is {settings.get(key)!r}, expected {value!r}")
     if model is not None:

@@ -178,7 +178,7 @@ class KFACTracker:
             for batch in loader:
                 tracker.set_mask(batch.get("attention_mask"))
                 logits = model(batch["x"])
-                fisher_backward(logits, fisher_type="sampled", seed=0, example_index=batch["index"])
+                fisher_backward(logits, fisher="sampled", seed=0, example_index=batch["index"])
         factors = tracker.finalize(reduce_across_ranks=True)   # {name: LayerFactors}
         eigen = eigendecompose(factors)
 

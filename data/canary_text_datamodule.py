@@ -42,41 +42,26 @@ from torch.utils.data import DataLoader, Dataset
 
 from memcurve.data.label_noise import seeded_rng
 from memcurve.data.text_sources import (
+    TokenBlockDataset,
+    TokenizerFacts,
     build_tokenizer,
     canary_body,
+    encode_texts,
     load_canary_texts,
     load_documents,
     normalized_words,
+    token_stream,
     tokenizer_fingerprint,
 )
-from memcurve.utils.arguments import check_positive_int
+from memcurve.utils.arguments import check_int, check_positive_int
 from memcurve.utils.files import atomic_write
 from memcurve.utils.sampling import unpadded_shard_sampler
 
-__all__ = ["CANARY_FILENAME", "CanaryTextDataModule", "TokenBlockDataset", "check_insertion_matches"]
+__all__ = ["CANARY_FILENAME", "CanaryTextDataModule", "check_insertion_matches"]
 
 CANARY_FILENAME = "canaries.json"
 FORMAT_VERSION = 1
 OVERLAP_WORDS = 8  # a document holding the first this-many words of a canary's quoted text is dropped
-
-
-class TokenBlockDataset(Dataset):
-    """Rows of a ``[num_blocks, block_size]`` token tensor as ``{input_ids, attention_mask, index}``."""
-
-    def __init__(self, blocks: Tensor) -> None:
-        self.blocks = blocks
-        self._ones = torch.ones(blocks.shape[1], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
-        return {"input_ids": self.blocks[index], "attention_mask": self._ones, "index": index}
-
-
-def _check_int(argument: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{argument}={value!r} must be an integer >= {minimum}")
 
 
 def _check_fraction(argument: str, value: Any, low_open: bool, high_open: bool, allow_none: bool = False) -> None:
@@ -158,12 +143,7 @@ def check_insertion_matches(current: dict, saved: dict, origin: str) -> None:
         )
 
 
-def _blocks(stream: np.ndarray, block_size: int) -> Tensor:
-    count = len(stream) // block_size
-    return torch.from_numpy(np.ascontiguousarray(stream[: count * block_size])).view(count, block_size)
-
-
-class CanaryTextDataModule(pl.LightningDataModule):
+class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
     """Language-model data with canaries planted at known duplicate levels (see the module docstring).
 
     Batches are dicts: ``input_ids`` [B, T] long, ``attention_mask`` [B, T] long (all ones) and ``index`` [B]
@@ -235,20 +215,20 @@ class CanaryTextDataModule(pl.LightningDataModule):
             canaries = list(canaries)
         elif not isinstance(canaries, str) or not canaries:
             raise ValueError(f"canaries={canaries!r} must be a source name, a file path or a list of strings")
-        _check_int("min_canary_chars", min_canary_chars, 0)
+        check_int("min_canary_chars", min_canary_chars, 0)
         levels = _check_levels(duplicate_levels)
         check_positive_int("canaries_per_level", canaries_per_level)
         if not isinstance(tokenizer, str) or not tokenizer:
             raise ValueError(f"tokenizer={tokenizer!r} must be 'train', a tokenizer.json path, a folder or a hub id")
         if tokenizer == "train":
-            _check_int("vocab_size", vocab_size, 258)
-        _check_int("block_size", block_size, 2)
+            check_int("vocab_size", vocab_size, 258)
+        check_int("block_size", block_size, 2)
         _check_fraction("val_fraction", val_fraction, low_open=False, high_open=True)
         check_positive_int("prefix_length", prefix_length)
         check_positive_int("suffix_length", suffix_length)
         check_positive_int("batch_size", batch_size)
         check_positive_int("eval_batch_size", eval_batch_size)
-        _check_int("num_workers", num_workers, 0)
+        check_int("num_workers", num_workers, 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative integer")
         self.save_hyperparameters()
@@ -283,28 +263,6 @@ class CanaryTextDataModule(pl.LightningDataModule):
         self._saved_checked = False
         self._pending_checks: list[tuple[dict, str]] = []
 
-    # -- facts the model checks against ---------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        """The tokenizer (None until ``setup``)."""
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """``len(tokenizer)``; builds the data if needed (a model may ask before ``setup``)."""
-        self._build()
-        return len(self._tokenizer)
-
-    @property
-    def eos_token_id(self) -> int:
-        self._build()
-        return int(self._tokenizer.eos_token_id)
-
-    @property
-    def pad_token_id(self) -> int:
-        self._build()
-        return int(self._tokenizer.pad_token_id)
-
     @property
     def training_token_count(self) -> int:
         """Tokens in the training blocks (the stream without its dropped remainder)."""
@@ -319,14 +277,6 @@ class CanaryTextDataModule(pl.LightningDataModule):
         """Build the streams once (idempotent), then check and save the insertion log."""
         self._build()
         self._verify_and_save()
-
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        backend = getattr(self._tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            return [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
-        return self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def _build(self) -> None:
         if self.insertion_log is not None:
@@ -352,13 +302,13 @@ class CanaryTextDataModule(pl.LightningDataModule):
             cache_dir=self.tokenizer_cache_dir,
         )
         eos = int(self._tokenizer.eos_token_id)
-        chosen = self._choose_canaries(pool, self._encode(pool))
-        doc_tokens = self._encode(train_documents)
+        chosen = self._choose_canaries(pool, encode_texts(self._tokenizer, pool))
+        doc_tokens = encode_texts(self._tokenizer, train_documents)
         train_stream, offsets = self._insert(doc_tokens, chosen, eos)
-        val_stream = np.fromiter((t for ids in self._encode(val_documents) for t in [*ids, eos]), dtype=np.int64)
+        val_stream = token_stream(encode_texts(self._tokenizer, val_documents), eos)
         self.train_stream, self.val_stream = train_stream, val_stream
-        self.train_set = TokenBlockDataset(_blocks(train_stream, self.block_size))
-        self.val_set = TokenBlockDataset(_blocks(val_stream, self.block_size))
+        self.train_set = TokenBlockDataset.from_stream(train_stream, self.block_size)
+        self.val_set = TokenBlockDataset.from_stream(val_stream, self.block_size)
         if self.val_fraction > 0 and len(self.val_set) == 0:
             raise ValueError(
                 f"val_fraction={self.val_fraction} holds out {len(val_documents)} documents of {len(val_stream)} "

@@ -31,8 +31,6 @@ __all__ = [
     "AUGMENTATIONS",
     "NoisyLabelDataModule",
     "NoisyLabelDataset",
-    "UnpaddedDistributedSampler",
-    "unpadded_shard_sampler",
 ]
 
 AUGMENTATIONS = ("none", "shift", "shift_flip", "random_resized_crop")

@@ -28,6 +28,10 @@ Canaries (``load_canary_texts``):
 - a path to a text file: one canary per non-empty line (stripped). A list of strings: used as given (stripped).
 
 Canaries are deduplicated (first occurrence kept) and filtered to ``min_chars <= len(text) <= max_chars``.
+
+Token blocks (shared by the canary and plain-text DataModules): ``encode_texts`` tokenizes without special tokens,
+``token_stream`` lays documents end to end, each followed by EOS, and ``TokenBlockDataset.from_stream`` cuts a
+stream into ``block_size`` blocks (the remainder dropped, or kept as a last right-padded, attention-masked block).
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from memcurve.utils.files import atomic_write
 
@@ -53,12 +60,16 @@ __all__ = [
     "DOCUMENT_SOURCES",
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "TokenBlockDataset",
+    "TokenizerFacts",
     "build_tokenizer",
     "canary_body",
+    "encode_texts",
     "fortune_files",
     "load_canary_texts",
     "load_documents",
     "normalized_words",
+    "token_stream",
     "tokenizer_fingerprint",
 ]
 
@@ -462,3 +473,95 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     payload = json.dumps({"vocab": vocab, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# -- token streams and blocks ----------------------------------------------------------------------------------
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (the fast backend's batch encoder when there is one)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def token_stream(token_lists: Sequence[Sequence[int]], eos_token_id: int) -> np.ndarray:
+    """The token lists end to end, each followed by ``eos_token_id`` (int64)."""
+    return np.fromiter((t for ids in token_lists for t in [*ids, eos_token_id]), dtype=np.int64)
+
+
+class TokenBlockDataset(Dataset):
+    """Rows of a ``[num_blocks, block_size]`` token tensor as ``{input_ids, attention_mask, index}``.
+
+    ``attention_mask``: ``[num_blocks, block_size]`` (1 for tokens, 0 for padding), or None for all ones.
+    """
+
+    def __init__(self, blocks: Tensor, attention_mask: Tensor | None = None) -> None:
+        if attention_mask is not None and attention_mask.shape != blocks.shape:
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)} does not match blocks {tuple(blocks.shape)}"
+            )
+        self.blocks = blocks
+        self.attention_mask = attention_mask
+        self._ones = torch.ones(blocks.shape[1], dtype=torch.long)
+
+    @classmethod
+    def from_stream(cls, stream: np.ndarray, block_size: int, pad_token_id: int | None = None) -> TokenBlockDataset:
+        """Non-overlapping blocks of ``block_size`` tokens of ``stream``, in order. The remainder is dropped when
+        ``pad_token_id`` is None; otherwise a remainder of at least 2 tokens (one next-token pair) becomes a last
+        block right-padded with ``pad_token_id`` and masked, and a single leftover token is dropped."""
+        count, rest = divmod(len(stream), block_size)
+        if pad_token_id is None or rest < 2:
+            return cls(torch.from_numpy(np.ascontiguousarray(stream[: count * block_size])).view(count, block_size))
+        padded = np.full((count + 1) * block_size, pad_token_id, dtype=np.int64)
+        padded[: len(stream)] = stream
+        mask = torch.zeros((count + 1) * block_size, dtype=torch.long)
+        mask[: len(stream)] = 1
+        return cls(torch.from_numpy(padded).view(count + 1, block_size), mask.view(count + 1, block_size))
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the blocks, padding excluded."""
+        return int(self.blocks.numel() if self.attention_mask is None else self.attention_mask.sum())
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
+        mask = self._ones if self.attention_mask is None else self.attention_mask[index]
+        return {"input_ids": self.blocks[index], "attention_mask": mask, "index": index}
+
+
+class TokenizerFacts:
+    """What a causal LM checks against a text DataModule: its tokenizer, vocabulary size and special tokens.
+
+    Mixed into the text DataModules, which set ``self._tokenizer`` and build it in ``self._build()`` (a model may ask
+    before ``setup``).
+    """
+
+    _tokenizer: Any
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (None until ``setup``)."""
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """``len(tokenizer)``; builds the data if needed."""
+        self._build()
+        return len(self._tokenizer)
+
+    @property
+    def eos_token_id(self) -> int:
+        self._build()
+        return int(self._tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        self._build()
+        return int(self._tokenizer.pad_token_id)

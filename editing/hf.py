@@ -9,7 +9,7 @@ differ from the source, and files are written through temporary names.
   ``save_pretrained(output_dir)`` (safetensors), the tokenizer when the source has one, and
   ``memcurve_edit.json`` (source, factors, method, energy or keep fraction, per-layer kept pairs).
 * :func:`edit_lightning_checkpoint`: ``checkpoint["state_dict"]`` of a Lightning checkpoint (memory-mapped),
-  edited layer by layer into a new checkpoint (``memcurve_pruning`` records what was done, as the pruning
+  edited layer by layer into a new checkpoint (``memcurve_edit`` records what was done, as the pruning
   callbacks do); optionally also written as a HF model folder (built from the checkpoint's
   ``hyper_parameters["model"]``: a config dict with ``model_type``, a local folder or a hub id).
 
@@ -20,36 +20,30 @@ HF name``); ``"auto"`` tries ``"model."`` and ``""`` and takes the one under whi
 file is a linear layer of the model. Layer patterns (globs or ``re:<regex>``) may be written either way: a layer
 is selected when a pattern matches its HF name or its factor name.
 
-CLI::
-
-    python -m memcurve.curvature.hf_edit hf --model allenai/OLMo-2-1124-7B \\
-        --factors runs/olmo2_7b_factors_fsdp/version_0/kfac/kfac.index.json \\
-        --layers 'model.model.layers.2[3-5].mlp.gate_proj' 'model.model.layers.2[3-5].mlp.up_proj' \\
-        --energy 0.6 --output-dir olmo2-7b-kfac-e0.60
-    python -m memcurve.curvature.hf_edit ckpt --ckpt last.ckpt --factors kfac.index.json \\
-        --layers 'model.model.layers.*.mlp.up_proj' --keep-fraction 0.1 --output last-kfac-k0.10.ckpt \\
-        [--hf-output-dir edited-hf]
+Command line: ``memcurve edit`` (see :mod:`memcurve.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from memcurve.curvature.edit import EDIT_METHODS, LayerEdit, edit_layer
+from memcurve.curvature.edit import LayerEdit, edit_layer
 from memcurve.curvature.layers import is_linear, weight_layout
 from memcurve.curvature.storage import StoredFactors, load_factors
 from memcurve.curvature.tracker import compile_layer_patterns
+from memcurve.editing.outputs import EDIT_KEY
+from memcurve.editing.request import CURVATURE_METHODS, EditRequest
 from memcurve.utils.files import atomic_write
 
-__all__ = ["EDIT_RECORD", "PREFIXES", "edit_hf_model", "edit_lightning_checkpoint", "main", "resolve_prefix"]
+__all__ = ["DTYPES", "EDIT_RECORD", "PREFIXES", "edit_hf_model", "edit_lightning_checkpoint", "resolve_prefix"]
 
 PREFIXES = ("model.", "")  # tried in this order by prefix="auto"
 EDIT_RECORD = "memcurve_edit.json"
@@ -91,17 +85,18 @@ def _select(patterns: Sequence[str], names: Sequence[str], prefix: str) -> list[
     return sorted(selected, key=order.__getitem__)
 
 
-def _criterion(energy: float | None, keep_fraction: float | None) -> dict[str, float | None]:
-    if (energy is None) == (keep_fraction is None):
-        raise ValueError(
-            f"give exactly one of energy or keep_fraction; got energy={energy}, keep_fraction={keep_fraction}"
-        )
-    return {"energy": energy, "keep_fraction": keep_fraction}
+def _request(
+    method: str, layers: Sequence[str], energy: float | None, keep_fraction: float | None
+) -> tuple[EditRequest, str, dict[str, float]]:
+    """The validated request, the method of the edit maths and ``{energy | keep_fraction: value}``."""
+    if method == "bsn":
+        raise ValueError("method='bsn' trains a mask on the module's data: use memcurve compare/prune, not edit")
+    request = EditRequest(method, tuple([layers] if isinstance(layers, str) else layers), energy, keep_fraction)
+    kind, value = request.strength
+    return request, CURVATURE_METHODS[request.method], {kind: value}
 
 
 def _load_stored(factors: str | os.PathLike | StoredFactors | None, method: str) -> StoredFactors | None:
-    if method not in EDIT_METHODS:
-        raise ValueError(f"method={method!r} is not supported; choose one of {EDIT_METHODS}")
     if method == "svd":
         if factors is not None:
             raise ValueError("method='svd' uses no curvature factors: pass factors=None")
@@ -152,12 +147,13 @@ def _edit_one(
     return result
 
 
-def _record(source: str, stored: StoredFactors | None, method: str, criterion: dict, prefix: str, edits: dict) -> dict:
+def _record(source: str, stored: StoredFactors | None, request: EditRequest, prefix: str, edits: dict) -> dict:
     return {
         "source": source,
         "factors": str(stored.path) if stored is not None else None,
-        "method": method,
-        **criterion,
+        "method": request.method,
+        "energy": request.energy,
+        "keep_fraction": request.keep_fraction,
         "prefix": prefix,
         "kept_pairs": sum(e.kept_pairs for e in edits.values()),
         "total_pairs": sum(e.total_pairs for e in edits.values()),
@@ -177,7 +173,7 @@ def _from_pretrained_kwargs(dtype: str, revision: str | None, trust_remote_code:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {tuple(DTYPES)}")
     major = int(transformers.__version__.split(".")[0])
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    kwargs["dtype" if major >= 5 else "torch_dtype"] = DTYPES[dtype]
+    kwargs["dtype"] = DTYPES[dtype]
     if major < 5:
         kwargs["low_cpu_mem_usage"] = True  # transformers 5 always loads without a second copy
     return kwargs
@@ -192,7 +188,7 @@ def edit_hf_model(
     output_dir: str | os.PathLike,
     energy: float | None = None,
     keep_fraction: float | None = None,
-    method: str = "kronecker",
+    method: str = "kfac",
     dtype: str = "auto",
     prefix: str = "auto",
     revision: str | None = None,
@@ -212,7 +208,7 @@ def edit_hf_model(
     """
     from transformers import AutoModelForCausalLM
 
-    criterion = _criterion(energy, keep_fraction)
+    request, method, criterion = _request(method, layers, energy, keep_fraction)
     source = Path(model).expanduser()
     output = Path(output_dir).expanduser()
     _refuse_same(source, output, "output_dir")
@@ -245,7 +241,7 @@ def edit_hf_model(
     tokenizer_saved = False
     if save_tokenizer:
         tokenizer_saved = _copy_tokenizer(str(source) if source.exists() else str(model), output, revision)
-    record = _record(str(model), stored, method, criterion, prefix, edits)
+    record = _record(str(model), stored, request, prefix, edits)
     record["tokenizer"] = tokenizer_saved
     text = json.dumps(record, indent=1)
     atomic_write(output / EDIT_RECORD, lambda tmp: tmp.write_text(text))
@@ -272,21 +268,24 @@ def edit_lightning_checkpoint(
     output: str | os.PathLike,
     energy: float | None = None,
     keep_fraction: float | None = None,
-    method: str = "kronecker",
+    method: str = "kfac",
     hf_output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Edit ``checkpoint["state_dict"]`` layer by layer into a new checkpoint ``output`` (the input is untouched).
 
     The checkpoint is memory-mapped; each edited weight replaces its entry (one new tensor per layer), all other
     tensors are written from the mapped file. Factor names are the state-dict names (no prefix). With
     ``hf_output_dir`` the edited weights of a ``CausalLMModule`` (``model.*`` entries) are also saved as a HF
-    model folder. Returns the record stored under ``checkpoint["memcurve_pruning"]``.
+    model folder. Returns the record stored under ``checkpoint["memcurve_edit"]``.
     """
-    criterion = _criterion(energy, keep_fraction)
+    request, method, criterion = _request(method, layers, energy, keep_fraction)
     source, target = Path(ckpt), Path(output)
     if not source.is_file():
         raise FileNotFoundError(f"ckpt={str(source)!r} does not exist")
     _refuse_same(source, target, "output")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output={str(target)!r} already exists; choose a new file or pass overwrite=True")
     stored = _load_stored(factors, method)
     checkpoint = torch.load(source, map_location="cpu", weights_only=False, mmap=True)
     state_dict = checkpoint.get("state_dict")
@@ -304,13 +303,8 @@ def edit_lightning_checkpoint(
             state_dict[f"{name}.bias"] = result.bias
         edits[name] = result
         del result
-    record = _record(str(source), stored, method, criterion, "", edits)
-    checkpoint["memcurve_pruning"] = {
-        "source": str(source),
-        "method": f"kfac-{method}" if method != "svd" else "svd",
-        **criterion,
-        "layers": sorted(edits),
-    }
+    record = _record(str(source), stored, request, "", edits)
+    checkpoint[EDIT_KEY] = {"source": str(source), **asdict(request), "layer_names": sorted(edits)}
     atomic_write(target, lambda tmp: torch.save(checkpoint, tmp))
     if hf_output_dir is not None:
         _save_hf_from_state_dict(checkpoint, state_dict, Path(hf_output_dir))
@@ -354,57 +348,3 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     if isinstance(tied, Mapping):
         tied = list(tied)
     return key in tied and bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-# -- CLI -----------------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Edit a HF causal LM (``hf``) or a Lightning checkpoint (``ckpt``) layer by layer and save the result."""
-    parser = argparse.ArgumentParser(prog="python -m memcurve.curvature.hf_edit", description=main.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for command, help_text in (("hf", "a HF model folder or hub id"), ("ckpt", "a Lightning checkpoint")):
-        sub = commands.add_parser(command, help=f"edit {help_text}")
-        if command == "hf":
-            sub.add_argument("--model", required=True, help="local folder or hub id")
-            sub.add_argument("--output-dir", required=True, help="new folder for the edited model (never the source)")
-            sub.add_argument("--dtype", default="auto", choices=tuple(DTYPES))
-            sub.add_argument("--prefix", default="auto", help="factor name = prefix + HF name (default: auto-detect)")
-            sub.add_argument("--revision", default=None)
-        else:
-            sub.add_argument("--ckpt", required=True, help="the Lightning checkpoint (never modified)")
-            sub.add_argument("--output", required=True, help="the edited checkpoint to write")
-            sub.add_argument("--hf-output-dir", default=None, help="also save the edited model in the HF format")
-        sub.add_argument("--factors", default=None, help="KFACFactors file or *.index.json (not for --method svd)")
-        sub.add_argument("--layers", nargs="+", required=True, help="globs or re:<regex>, HF or factor names")
-        sub.add_argument("--method", default="kronecker", choices=EDIT_METHODS)
-        group = sub.add_mutually_exclusive_group(required=True)
-        group.add_argument("--energy", type=float, default=None)
-        group.add_argument("--keep-fraction", type=float, default=None)
-    args = parser.parse_args(argv)
-    common = {"energy": args.energy, "keep_fraction": args.keep_fraction, "method": args.method}
-    if args.command == "hf":
-        record = edit_hf_model(
-            args.model,
-            args.factors,
-            args.layers,
-            output_dir=args.output_dir,
-            dtype=args.dtype,
-            prefix=args.prefix,
-            revision=args.revision,
-            **common,
-        )
-        where = args.output_dir
-    else:
-        record = edit_lightning_checkpoint(
-            args.ckpt, args.factors, args.layers, output=args.output, hf_output_dir=args.hf_output_dir, **common
-        )
-        where = args.output + (f" and {args.hf_output_dir}" if args.hf_output_dir else "")
-    fraction = record["kept_pairs"] / record["total_pairs"] if record["total_pairs"] else float("nan")
-    print(
-        f"memcurve: {args.method} edit of {len(record['layers'])} layers: kept {record['kept_pairs']:,} of "
-        f"{record['total_pairs']:,} directions ({fraction:.2%}) -> {where}"
-    )
-    return record
-
-
-if __name__ == "__main__":
-    main()

@@ -18,6 +18,7 @@ never its own reference (which would report 1.0). ``reset_reference()`` forgets 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from memcurve.metrics.verbatim import (
     TopKReference,
     VerbatimMemorization,
     greedy_generate,
+    mine_memorized,
     ndcg_against_reference,
     shifted_prefix_recall,
     suffix_log_likelihood,
@@ -234,9 +236,13 @@ class _FunctionalModel(nn.Module):
         self.inner = [model]  # a list: not registered as a submodule
         self.weights = dict(weights)
 
-    def forward(self, **kwargs: Any) -> Any:
-        # The weights hold every tied name (GPT-2's wte / lm_head) with equal values: replace each one as given.
-        return torch.func.functional_call(self.inner[0], self.weights, (), kwargs, strict=False, tie_weights=False)
+        # Callers that read the forward signature (which cache keyword it takes) must see the model's own one.
+        @functools.wraps(model.forward)
+        def forward(**kwargs: Any) -> Any:
+            # The weights hold every tied name (GPT-2's wte / lm_head) with equal values: replace each one as given.
+            return torch.func.functional_call(self.inner[0], self.weights, (), kwargs, strict=False, tie_weights=False)
+
+        self.forward = forward
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         return dict(self.weights)
@@ -468,8 +474,6 @@ class CausalLMModule(pl.LightningModule):
         reference = self._reference_weights()
         key = self._reference_key
         if self._mined is None or self._mined[0] != key:
-            from memcurve.metrics.verbatim import mine_memorized
-
             sequences = [list(p) + s.tolist() for p, s in zip(examples["prefixes"], examples["suffixes"])]
             prefix_length = len(examples["prefixes"][0])
             mined = mine_memorized(
@@ -610,25 +614,15 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     @staticmethod
-    def level_table(rows: Sequence[Any]) -> str:
-        """Markdown: strict (loose) canary recall per duplicate level, unedited and after each edit of ``rows``
-        (:class:`~memcurve.callbacks.checkpoint_pruning.PruningRow`)."""
-        if not rows:
-            return ""
-        levels = sorted({int(key.split("/")[1][3:]) for key in rows[0].after if key.startswith("canary/dup")})
-        tags = ["unedited"] + [
-            f"{row.method} e={row.energy}" if row.energy is not None else f"{row.method} k={row.keep_fraction}"
-            for row in rows
+    def report_tables(rows: Sequence[Any]) -> list[tuple[str, list[tuple[str, str]]]]:
+        """Extra report tables (:func:`memcurve.editing.report_markdown`): strict and loose canary recall per
+        duplicate level, unedited and after each edit of ``rows``."""
+        keys = {key for row in rows for key in (*row.before, *row.after)}
+        levels = sorted({int(key.split("/")[1][3:]) for key in keys if key.startswith("canary/dup")})
+        columns = [
+            (f"canary/dup{level}/{kind}", f"dup{level} {kind}") for kind in ("strict", "loose") for level in levels
         ]
-        lines = ["| duplicates | " + " | ".join(tags) + " |", "|---" * (len(tags) + 1) + "|"]
-        for level in levels:
-            cells = []
-            for metrics in [rows[0].before] + [row.after for row in rows]:
-                strict = metrics.get(f"canary/dup{level}/strict", math.nan)
-                loose = metrics.get(f"canary/dup{level}/loose", math.nan)
-                cells.append(f"{strict:.2f} ({loose:.2f})")
-            lines.append(f"| {level} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return [("canary recall per duplicate level", columns)] if columns else []
 
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self):

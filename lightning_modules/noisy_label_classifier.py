@@ -1,9 +1,11 @@
 """A timm image classifier trained on noisy labels, with memorization metrics.
 
 Logs ``train/loss``, ``train/acc`` (against the labels it trains on, noisy ones included), ``val/loss``,
-``val/acc`` and, through the :class:`~memcurve.callbacks.MemorizationEval` callback it brings along,
-``mem/noised_acc``, ``mem/gt_recovery`` and ``mem/clean_train_acc`` from an eval-mode pass over the whole
-training set.
+``val/acc`` and, after validation every ``memorization_eval_every_n_epochs`` epochs (always at the last epoch and
+in ``trainer.validate``, never while sanity checking), ``mem/noised_acc``, ``mem/gt_recovery`` and
+``mem/clean_train_acc`` from an eval-mode pass over the whole training set — the same pass, schedule and tags as
+the :class:`~memcurve.callbacks.MemorizationEval` callback offers other modules
+(:func:`memcurve.metrics.log_memorization`); do not add that callback to this module's runs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from memcurve.callbacks.memorization_eval import MemorizationEval, evaluate_memorization
+from memcurve.metrics.memorization import (
+    check_memorization_datamodule,
+    evaluate_memorization,
+    log_memorization,
+    memorization_due,
+)
 
 __all__ = ["NoisyLabelClassifier", "warmup_cosine_factor"]
 
@@ -120,6 +127,13 @@ class NoisyLabelClassifier(pl.LightningModule):
     # -- eager checks against the data ---------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        every_n = self.hparams.memorization_eval_every_n_epochs
+        if every_n and stage in ("fit", "validate"):
+            check_memorization_datamodule(
+                datamodule,
+                f"NoisyLabelClassifier with memorization_eval_every_n_epochs={every_n}",
+                hint="; set memorization_eval_every_n_epochs=0 to turn the mem/ pass off",
+            )
         if datamodule is not None:
             self.check_compatible(datamodule)
 
@@ -142,10 +156,6 @@ class NoisyLabelClassifier(pl.LightningModule):
                 f"model_kwargs img_size={sizes[1]} does not match the data's image size {data_size}; "
                 "set data image_size or model_kwargs img_size so they agree"
             )
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        every_n = self.hparams.memorization_eval_every_n_epochs
-        return [MemorizationEval(every_n_epochs=every_n)] if every_n else []
 
     # -- steps ---------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -172,6 +182,12 @@ class NoisyLabelClassifier(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["image"]).argmax(dim=-1)
+
+    def on_validation_epoch_end(self) -> None:
+        """The ``mem/`` pass over the training set, when due (:func:`memcurve.metrics.memorization_due`)."""
+        every_n = self.hparams.memorization_eval_every_n_epochs
+        if every_n and memorization_due(self.trainer, every_n):
+            log_memorization(self, self.trainer)
 
     # -- evaluation outside the training loop (pruning reports) ---------------------------------------
     @torch.no_grad()

@@ -1,12 +1,18 @@
 """torchmetrics metrics: memorization of noisy labels and verbatim recall of text by language models."""
 
 from memcurve.metrics.memorization import (
+    MEMORIZATION_BATCH_KEYS,
+    MEMORIZATION_TAGS,
     CleanTrainAccuracy,
     GroundTruthRecovery,
     MemorizationMetrics,
     NoisedLabelAccuracy,
+    check_memorization_datamodule,
     clean_train_accuracy,
+    evaluate_memorization,
     ground_truth_recovery,
+    log_memorization,
+    memorization_due,
     noised_label_accuracy,
 )
 from memcurve.metrics.verbatim import (
@@ -24,6 +30,8 @@ from memcurve.metrics.verbatim import (
 )
 
 __all__ = [
+    "MEMORIZATION_BATCH_KEYS",
+    "MEMORIZATION_TAGS",
     "CleanTrainAccuracy",
     "GroundTruthRecovery",
     "HeldOutPerplexity",
@@ -31,9 +39,13 @@ __all__ = [
     "NoisedLabelAccuracy",
     "TopKReference",
     "VerbatimMemorization",
+    "check_memorization_datamodule",
     "clean_train_accuracy",
+    "evaluate_memorization",
     "greedy_generate",
     "ground_truth_recovery",
+    "log_memorization",
+    "memorization_due",
     "mine_memorized",
     "ndcg_against_reference",
     "ndcg_at_k",

@@ -1,5 +1,5 @@
 """BalancedSubnet: exact mask ratio, straight-through gradients, untouched weights, the forget/retain trade-off on a
-tiny problem, the pruned-checkpoint export of BalancedSubnetPruning, and misconfiguration."""
+tiny problem, the edited-checkpoint export of BalancedSubnetPruning, and misconfiguration."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+import memcurve.callbacks.checkpoint_pruning as checkpoint_pruning
 from memcurve.callbacks import BalancedSubnetPruning
-from memcurve.callbacks.checkpoint_pruning import PruningSpec
 from memcurve.curvature import (
     MaskedWeights,
     apply_masks,
@@ -29,6 +29,8 @@ from memcurve.curvature import (
 )
 from memcurve.curvature.balanced_subnet import num_pruned
 from memcurve.data import NoisyLabelDataModule
+from memcurve.editing import EDIT_KEY, EDITED_FOLDER, BalancedSubnetSettings, EditRequest
+from memcurve.editing.request import layers_id
 from memcurve.lightning_modules import NoisyLabelClassifier
 
 LAYERS = ["0", "2"]
@@ -226,44 +228,60 @@ def fit(tmp_path: Path, model, callbacks, datamodule=None) -> pl.Trainer:
     return trainer
 
 
-def test_callback_exports_a_pruned_checkpoint_and_report(tmp_path, tiny_vit_kwargs):
+def test_callback_exports_a_pruned_checkpoint_and_report(tmp_path, tiny_vit_kwargs, monkeypatch):
+    lines = []
+    monkeypatch.setattr(checkpoint_pruning, "rank_zero_info", lines.append)  # what the callback logs
     model = tiny_model(tiny_vit_kwargs)
-    pruning = BalancedSubnetPruning(layers=MASKED, ratio=[0.01, 0.05], epochs=2, batch_size=32, when="fit_end")
+    settings = BalancedSubnetSettings(epochs=2, batch_size=32)
+    pruning = BalancedSubnetPruning(layers=MASKED, ratio=[0.01, 0.05], settings=settings, when="fit_end")
     trainer = fit(tmp_path, model, [pruning])
     folder = Path(trainer.log_dir) / "checkpoints"
     original = torch.load(folder / "fit-end.ckpt", weights_only=False)["state_dict"]
     for key, value in model.state_dict().items():  # the live model was never masked
         assert torch.equal(value, original[key]), key
-    pruned = torch.load(folder / "fit-end-bsn-r0.01.ckpt", weights_only=False)
-    assert pruned["memcurve_pruning"]["method"] == "balanced_subnet"
+    r001, r005 = (EditRequest("bsn", MASKED, ratio=ratio) for ratio in (0.01, 0.05))
+    assert r001.tag == f"bsn-r0.01-L{layers_id(MASKED)}"
+    pruned = torch.load(folder / EDITED_FOLDER / f"fit-end-{r001.tag}.ckpt", weights_only=False)
+    assert pruned[EDIT_KEY]["method"] == "bsn" and pruned[EDIT_KEY]["ratio"] == 0.01
     changed = {key for key, value in pruned["state_dict"].items() if not torch.equal(value, original[key])}
     assert changed == {f"model.blocks.{b}.mlp.fc{f}.weight" for b in (0, 1) for f in (1, 2)}
     for key in changed:  # exactly round(0.01 · 4096) = 41 weights masked per layer
         newly_zero = (pruned["state_dict"][key] == 0) & (original[key] != 0)
         assert int(newly_zero.sum()) == 41, key
     rows = json.loads((Path(trainer.log_dir) / "pruning" / "pruning_report.json").read_text())
-    assert [row["method"] for row in rows] == ["balanced_subnet"] * 2
+    assert [(row["method"], row["ratio"], row["tag"]) for row in rows] == [
+        ("bsn", 0.01, r001.tag),
+        ("bsn", 0.05, r005.tag),
+    ]
     assert [row["total_pairs"] - row["kept_pairs"] for row in rows] == [4 * 41, 4 * 205]
     metrics = {"val/acc", "mem/noised_acc", "mem/gt_recovery", "mem/clean_train_acc"}
     assert set(rows[0]["before"]) == set(rows[0]["after"]) == metrics
-    reloaded = NoisyLabelClassifier.load_from_checkpoint(folder / "fit-end-bsn-r0.05.ckpt")
+    reloaded = NoisyLabelClassifier.load_from_checkpoint(folder / EDITED_FOLDER / f"fit-end-{r005.tag}.ckpt")
     datamodule = small_digits()
     datamodule.setup("fit")
     assert reloaded.evaluation_metrics(datamodule) == pytest.approx(rows[1]["after"])
-    assert [entry["epoch"] for entry in pruning.histories["bsn-r0.05"]] == [0, 1]
+    # The mask-training losses (first -> last epoch) are logged as one line per edit.
+    for tag in (r001.tag, r005.tag):
+        assert any(line.startswith(f"memcurve: {tag}: mask training loss forget ") for line in lines), lines
 
 
 def test_callback_after_every_checkpoint_logs_to_tensorboard(tmp_path, tiny_vit_kwargs):
     """ModelCheckpoint saves from the validation hook (inference mode): the mask still trains."""
-    pruning = BalancedSubnetPruning(layers=["model.blocks.1.mlp.fc2"], ratio=0.01, epochs=1, when="checkpoint")
+    layers = ["model.blocks.1.mlp.fc2"]
+    pruning = BalancedSubnetPruning(
+        layers=layers, ratio=0.01, settings=BalancedSubnetSettings(epochs=1), when="checkpoint"
+    )
     trainer = fit(tmp_path, tiny_model(tiny_vit_kwargs), [pruning])
-    folder = Path(trainer.log_dir) / "checkpoints"
-    assert (folder / "epoch=0-step=3-bsn-r0.01.ckpt").is_file() and (folder / "last-bsn-r0.01.ckpt").is_file()
+    folder = Path(trainer.log_dir) / "checkpoints" / EDITED_FOLDER
+    tag = EditRequest("bsn", layers, ratio=0.01).tag
+    assert (folder / f"epoch=0-step=3-{tag}.ckpt").is_file() and (folder / f"last-{tag}.ckpt").is_file()
     events = EventAccumulator(str(next(Path(trainer.log_dir).glob("events.out.tfevents.*"))))
     events.Reload()
-    steps = {event.step for event in events.Scalars("prune/balanced_subnet/mem/noised_acc")}
-    assert steps == {0, 100}  # unedited at 0, the edit at its ratio in basis points
-    assert "prune/balanced_subnet/bsn-r0.01/forget_loss" in events.Tags()["scalars"]
+    curve = f"prune/bsn/ratio/L{layers_id(layers)}"
+    steps = {event.step for event in events.Scalars(f"{curve}/mem/noised_acc")}
+    assert steps == {0, 10_000}  # unedited at 0, the edit at its ratio in parts per million
+    strength = events.Scalars(f"{curve}/strength")  # the exact ratio, once per checkpoint (epoch 0, last)
+    assert [(event.step, event.value) for event in strength] == [(10_000, pytest.approx(0.01))] * 2
 
 
 def test_module_data_forget_is_the_noised_set(tiny_vit_kwargs):
@@ -276,23 +294,35 @@ def test_module_data_forget_is_the_noised_set(tiny_vit_kwargs):
     assert len(retain_flags) == 40 and not retain_flags.any()
 
 
-def test_spec_tag_and_callback_misconfiguration(tiny_vit_kwargs):
-    assert PruningSpec("balanced_subnet", keep_fraction=1 - 0.0015).tag == "bsn-r0.0015"
-    assert PruningSpec("svd", energy=0.9).tag == "svd-e0.90"  # the other tags are unchanged
+def test_request_tag_and_callback_misconfiguration(tiny_vit_kwargs):
+    masked = layers_id(MASKED)
+    assert EditRequest("bsn", MASKED, ratio=0.0015).tag == f"bsn-r0.0015-L{masked}"  # the ratio, never rounded
+    assert EditRequest("svd", MASKED, energy=0.9).tag == f"svd-e0.9-L{masked}"
+    assert [r.tag for r in BalancedSubnetPruning(layers=MASKED).requests] == [f"bsn-r0.0015-L{masked}"]  # default
     for kwargs, message in [
         ({"ratio": 0.0}, r"ratio=0.0 must be a number in \(0, 1\)"),
         ({"ratio": [0.01, 1.5]}, r"ratio=1.5 must be a number in \(0, 1\)"),
-        ({"ratio": []}, r"ratio=\[\] is empty"),
+        ({"ratio": []}, r"method='bsn' needs at least one ratio value; got none"),
+        ({"ratio": [0.01, 0.01]}, r"the same edit is requested twice"),
+        ({"when": "epoch"}, r"when='epoch' is not supported"),
+        ({"layers": []}, r"layers=\[\] must name at least one layer pattern"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            BalancedSubnetPruning(**{"layers": MASKED, **kwargs})
+    # The mask-training settings are validated where they are built (BalancedSubnetSettings), before any callback.
+    for kwargs, message in [
         ({"retain_weight": -0.1}, r"retain_weight=-0.1 must be a number in \[0.0, 1.0\]"),
         ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
         ({"score_init": "ones"}, r"score_init='ones' is not supported"),
     ]:
         with pytest.raises(ValueError, match=message):
-            BalancedSubnetPruning(layers=MASKED, **kwargs)
+            BalancedSubnetPruning(layers=MASKED, settings=BalancedSubnetSettings(**kwargs))
+    with pytest.raises(TypeError, match=r"settings must be a BalancedSubnetSettings, not dict"):
+        BalancedSubnetPruning(layers=MASKED, settings={"epochs": 1})
     datamodule = small_digits(noise_fraction=0.0)
     datamodule.setup("fit")
     with pytest.raises(ValueError, match=r"no noised examples \(noise_fraction=0\): BalancedSubnet needs a forget"):
         tiny_model(tiny_vit_kwargs).balanced_subnet_data(datamodule, batch_size=8)
     pruning = BalancedSubnetPruning(layers=MASKED)
     with pytest.raises(TypeError, match=r"needs Linear.balanced_subnet_data and .balanced_subnet_loss"):
-        pruning.prune_checkpoint({"state_dict": {}}, Path("x.ckpt"), nn.Linear(2, 2), datamodule)
+        pruning.setup(None, nn.Linear(2, 2), "fit")  # checked at setup, before any training

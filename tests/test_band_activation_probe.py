@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import struct
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,10 +12,22 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
-from memcurve.callbacks.band_activation_probe import BandActivationProbe, ClassificationProbeAdapter
+from memcurve.callbacks.band_activation_probe import (
+    BandActivationProbe,
+    ClassificationProbeAdapter,
+    plot_band_activations,
+)
 from memcurve.callbacks.kfac_factors import KFACFactors
-from memcurve.curvature import FactorFileError, collect_factors, eigendecompose, load_factors, save_factors
+from memcurve.curvature import (
+    FactorFileError,
+    FactorSettings,
+    collect_factors,
+    eigendecompose,
+    load_factors,
+    save_factors,
+)
 from memcurve.curvature.bands import BandBasis
 from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import NoisyLabelClassifier
@@ -28,7 +41,7 @@ SETTINGS = {
     "bias": "exclude",
     "dtype": "float64",
     "drop_last_position": False,
-    "fisher_type": "sampled",
+    "fisher": "sampled",
     "mc_samples": 1,
 }
 
@@ -65,9 +78,8 @@ def make_trainer(tmp_path: Path, callbacks: list, **overrides) -> pl.Trainer:
 def write_factors(path: Path, model: NoisyLabelClassifier, datamodule: NoisyLabelDataModule, layers=FC2) -> Path:
     """A CLS-only factor file of ``layers`` from two batches of the training set."""
     datamodule.setup("fit")
-    factors = collect_factors(
-        model, datamodule.memorization_dataloader(), layers, position="cls", dtype=torch.float64, max_batches=2
-    )
+    settings = FactorSettings(position="cls", dtype="float64", max_batches=2)
+    factors = collect_factors(model, datamodule.memorization_dataloader(), layers, settings)
     return save_factors(path, eigendecompose(factors), model=model, settings=SETTINGS)
 
 
@@ -122,7 +134,10 @@ def direct_group_means(model, datamodule, factor_path, layers) -> dict[tuple[str
 
 
 def test_fit_end_probe_after_kfac_factors_writes_csv_figure_and_scalars(tmp_path, tiny_vit_kwargs):
-    kfac = KFACFactors(layers=["model.blocks.0.attn.proj", "model.blocks.*.mlp.fc2"], position="cls", dtype="float64")
+    kfac = KFACFactors(
+        layers=["model.blocks.0.attn.proj", "model.blocks.*.mlp.fc2"],
+        settings=FactorSettings(position="cls", dtype="float64"),
+    )
     probe = BandActivationProbe(factors="latest", layers=["model.blocks.*.mlp.fc2"], dtype="float64")
     kfac.log_spectra = False  # not under test here
     model, datamodule = tiny_model(tiny_vit_kwargs), small_digits()
@@ -184,6 +199,41 @@ def test_fit_end_probe_after_kfac_factors_writes_csv_figure_and_scalars(tmp_path
     assert {f"probe/{layer}/{band}/{group}" for layer in FC2 for band in BANDS for group in GROUPS} <= scalars
     assert "probe_svd/model.blocks.1.mlp.fc2/0-10%/noised" in scalars
     assert "probe/figure" in events.Tags()["images"]
+    # add_figure renders the same Agg figure the PNG was saved from: same pixel size
+    image = events.Images("probe/figure")[-1]
+    assert (image.width, image.height) == struct.unpack(">II", png_path.read_bytes()[16:24])
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_agg_figure_goes_to_tensorboard_with_add_figure(tmp_path):
+    """The probe's figure (an Agg Figure made without pyplot) is saved as PNG and logged by add_figure."""
+    rows = [
+        {
+            "layer": layer,
+            "band": band,
+            "group": group,
+            "basis": basis,
+            "statistic": "norm",
+            "mean": mean,
+            "std": 0.1,
+            "n": 10,
+        }
+        for layer in FC2
+        for basis in ("kfac", "svd")
+        for group, mean in (("noised", 2.0), ("clean", 1.0))
+        for band in BANDS
+    ]
+    fig = plot_band_activations(rows)
+    png_path = tmp_path / "bands.png"
+    fig.savefig(png_path, format="png")
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    writer.add_figure("probe/figure", fig, 7, close=False)
+    writer.close()
+    events = EventAccumulator(str(next((tmp_path / "tb").glob("events.out.tfevents.*"))))
+    events.Reload()
+    image = events.Images("probe/figure")[-1]
+    assert image.step == 7
+    assert (image.width, image.height) == struct.unpack(">II", png_path.read_bytes()[16:24])
 
 
 def test_validate_with_a_factor_file_groups_and_max_samples(tmp_path, tiny_vit_kwargs, fc2_factors):
@@ -211,7 +261,7 @@ def test_validate_with_a_factor_file_groups_and_max_samples(tmp_path, tiny_vit_k
 
 
 def test_checkpoint_mode_records_its_outputs_in_the_checkpoint(tmp_path, tiny_vit_kwargs):
-    kfac = KFACFactors(layers=["model.blocks.1.mlp.fc1"], when="checkpoint", max_batches=1)
+    kfac = KFACFactors(layers=["model.blocks.1.mlp.fc1"], settings=FactorSettings(max_batches=1), when="checkpoint")
     probe = BandActivationProbe(when="checkpoint", groups=["val"], svd_baseline=False)
     trainer = make_trainer(tmp_path, [kfac, probe], enable_checkpointing=True)
     trainer.fit(tiny_model(tiny_vit_kwargs), datamodule=small_digits())
@@ -255,9 +305,8 @@ def test_an_adapter_can_redefine_the_groups(tmp_path, tiny_vit_kwargs, fc2_facto
 def test_homogeneous_factors_are_probed_on_x_and_one(tmp_path, tiny_vit_kwargs):
     model, datamodule, layer = tiny_model(tiny_vit_kwargs), small_digits(), "model.blocks.1.mlp.fc2"
     datamodule.setup("fit")
-    factors = collect_factors(
-        model, datamodule.memorization_dataloader(), [layer], position="cls", bias="homogeneous", dtype=torch.float64
-    )
+    settings = FactorSettings(position="cls", bias="homogeneous", dtype="float64")
+    factors = collect_factors(model, datamodule.memorization_dataloader(), [layer], settings)
     path = save_factors(
         tmp_path / "h.safetensors", eigendecompose(factors), model=model, settings={**SETTINGS, "bias": "homogeneous"}
     )

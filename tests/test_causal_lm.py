@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from memcurve.callbacks import BandActivationProbe, KFACFactors, KFACPruning
-from memcurve.curvature import collect_factors, select_linear_layers
+from memcurve.curvature import FactorSettings, collect_factors, select_linear_layers
 from memcurve.data import CanaryTextDataModule
+from memcurve.editing import report_markdown
 from memcurve.lightning_modules import CausalLMFisherAdapter, CausalLMModule, build_causal_lm
 
 
@@ -111,8 +112,8 @@ def test_prefix_longer_than_the_model_context_is_an_error(datamodule):
         module.check_compatible(datamodule)
 
 
-@pytest.mark.parametrize("fisher_type", ["empirical", "sampled"])
-def test_fisher_adapter_ignores_padding_and_the_last_position(fisher_type):
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_fisher_adapter_ignores_padding_and_the_last_position(fisher):
     """Factors of a right-padded batch equal those of its sequences run one by one without padding."""
     torch.manual_seed(0)
     module = CausalLMModule(tiny_config()).double()
@@ -129,9 +130,9 @@ def test_fisher_adapter_ignores_padding_and_the_last_position(fisher_type):
     ]
     adapter = module.fisher_adapter()
     assert adapter.drop_last_position
-    kwargs = dict(adapter=adapter, fisher_type=fisher_type, drop_last_position=True, dtype=torch.float64)
-    together = collect_factors(module, [padded], layers, **kwargs)
-    separate = collect_factors(module, alone, layers, **kwargs)
+    settings = FactorSettings(fisher=fisher, drop_last_position=True, dtype="float64")
+    together = collect_factors(module, [padded], layers, settings, adapter=adapter)
+    separate = collect_factors(module, alone, layers, settings, adapter=adapter)
     for name in layers:
         assert together[name].count_A == separate[name].count_A == 9 + 5
         torch.testing.assert_close(together[name].A, separate[name].A, rtol=1e-9, atol=1e-12)
@@ -171,23 +172,30 @@ def test_fit_then_evaluate_with_a_cached_unedited_reference(datamodule, tmp_path
 def test_curvature_callbacks_run_on_the_lm(datamodule, tmp_path):
     layers = ["model.model.layers.*.mlp.gate_proj", "model.model.layers.*.mlp.up_proj"]
     callbacks = [
-        KFACFactors(layers=layers, when="fit_end", max_samples=32),
+        KFACFactors(layers=layers, settings=FactorSettings(max_samples=32), when="fit_end"),
         BandActivationProbe(factors="latest", when="fit_end"),
         KFACPruning(layers=layers, energy=[0.5], when="fit_end"),
     ]
     module = CausalLMModule(tiny_config(), ndcg_max_batches=2)
     trainer(tmp_path, callbacks).fit(module, datamodule=datamodule)
     factors, probe, pruning = callbacks
-    assert factors.drop_last_position  # taken from the causal-LM adapter
+    assert factors.pass_settings.drop_last_position  # taken from the causal-LM adapter
     rows = pruning.rows
     assert len(rows) == 1 and rows[0].before["val/ndcg@10"] == 1.0 and rows[0].after["val/ndcg@10"] < 1.0
     assert {"mem/strict", "mem/avg_levenshtein", "val/perplexity", "canary/dup0/strict"} <= set(rows[0].after)
     with open(probe.saved_paths[-1]) as handle:
         groups = {row["group"] for row in csv.DictReader(handle)}
     assert groups == {"memorized", "control", "val"}
-    table = module.level_table(rows)
-    assert table.splitlines()[0].startswith("| duplicates | unedited | kfac-kronecker e=0.5")
-    assert len(table.splitlines()) == 2 + 3  # header, rule, levels 0 / 1 / 16
+    (title, columns), *others = module.report_tables(rows)  # recall per duplicate level, beside the main table
+    levels = [(f"canary/dup{n}/{kind}", f"dup{n} {kind}") for kind in ("strict", "loose") for n in (0, 1, 16)]
+    assert not others and title == "canary recall per duplicate level" and columns == levels
+    overall, extra = report_markdown(rows, module).split(f"\n\n{title}:\n")
+    headers = " | ".join(header for _, header in CausalLMModule.report_metrics)
+    assert overall.splitlines()[0] == f"| layers | method | setting | kept | rel. change | {headers} |"
+    headers = " | ".join(header for _, header in levels)
+    assert extra.splitlines()[0] == f"| layers | method | setting | kept | rel. change | {headers} |"
+    assert extra.splitlines()[2].startswith("| – | unedited |") and "| kfac | energy 0.5 |" in extra.splitlines()[3]
+    assert len(extra.splitlines()) == 2 + 1 + 1  # header, rule, unedited, the one edit
 
 
 def test_mined_memorized_set_comes_from_the_reference(datamodule):
@@ -202,15 +210,14 @@ def test_mined_memorized_set_comes_from_the_reference(datamodule):
 
 
 def test_cli_fit_then_compare_every_method_on_the_lm(tmp_path, monkeypatch, capsys):
-    """``train.py fit`` on the canary config (tiny settings), then ``python -m memcurve.compare`` with K-FAC, SVD and
+    """``memcurve fit`` on the canary config (tiny settings), then ``memcurve compare`` with K-FAC, SVD and
     BalancedSubnet on its checkpoint: one table with the LM columns and a row per method."""
     import json
     from pathlib import Path
 
     import yaml
 
-    from memcurve import compare
-    from memcurve.train import main
+    from memcurve.cli import run
 
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "olmo2_tiny_canaries.yaml").read_text())
@@ -227,20 +234,24 @@ def test_cli_fit_then_compare_every_method_on_the_lm(tmp_path, monkeypatch, caps
     )  # fmt: skip
     path = tmp_path / "tiny_canaries.yaml"
     path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(path)])
-    assert "strict (loose) recall" not in capsys.readouterr().out  # no pruning callback in this run
-    run = tmp_path / "runs" / "olmo2_tiny_canaries" / "version_0"
-    assert json.loads((run / "canaries.json").read_text())["canaries"]
-    layers = "model.model.layers.*.mlp.gate_proj,model.model.layers.*.mlp.up_proj"
-    rows = compare.main(
-        ["--config", str(run / "config.yaml"), "--ckpt", str(run / "checkpoints" / "last.ckpt"),
-         "--factors", str(run / "kfac" / "kfac-final.safetensors"), "--methods", "kfac,svd,bsn",
-         "--layers", layers, "--energies", "0.6", "--bsn-ratios", "0.01", "--bsn-epochs", "1",
-         "--bsn-max-retain", "16", "--output-dir", str(tmp_path / "comparison")]
+    run(["fit", "--config", str(path)])
+    assert "canary recall per duplicate level" not in capsys.readouterr().out  # no pruning callback in this run
+    run_dir = tmp_path / "runs" / "olmo2_tiny_canaries" / "version_0"
+    assert json.loads((run_dir / "canaries.json").read_text())["canaries"]
+    layers = "[model.model.layers.*.mlp.gate_proj, model.model.layers.*.mlp.up_proj]"
+    edits = (
+        f"[{{method: kfac, layers: {layers}, energy: [0.6]}}, {{method: svd, layers: {layers}, energy: [0.6]}}, "
+        f"{{method: bsn, layers: {layers}, ratio: [0.01]}}]"
+    )
+    rows = run(
+        ["compare", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+         "--factors", str(run_dir / "kfac" / "kfac-final.safetensors"), "--edits", edits, "--bsn.epochs", "1",
+         "--bsn.max_retain", "16", "--output_dir", str(tmp_path / "comparison")]
     )  # fmt: skip
-    assert [row.method for row in rows] == ["kfac-kronecker", "svd", "balanced_subnet"]
+    assert [row.method for row in rows] == ["kfac", "svd", "bsn"]
     table = (tmp_path / "comparison" / "comparison.md").read_text()
     assert "strict" in table and "nDCG@10" in table and "ppl" in table
+    assert "canary recall per duplicate level" in table
     assert all(row.after["val/ndcg@10"] < 1.0 for row in rows)
 
 

@@ -1,4 +1,5 @@
-"""Every config instantiates; the CLI trains end to end and prints its summary."""
+"""Every config instantiates (``memcurve.cli.instantiate``); ``memcurve fit`` trains end to end and prints its
+summary."""
 
 from __future__ import annotations
 
@@ -6,15 +7,31 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from memcurve.cli import instantiate, run
 from memcurve.curvature import load_factors
 from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import NoisyLabelClassifier
-from memcurve.train import main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 # GPU configs are instantiated on CPU here; the rest of each config is exactly what users run.
-ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+ON_CPU = {"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.strategy": "auto"}
+DIGITS = CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")]
+
+
+def instantiate_with(config: Path, folder: Path, overrides: dict) -> object:
+    """``instantiate`` of ``config`` with the settings at dotted keys replaced (as ``--trainer.devices=1`` would)."""
+    settings = yaml.safe_load(config.read_text())
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        section = settings
+        for key in parents:
+            section = section.setdefault(key, {})
+        section[last] = value
+    path = folder / f"{config.stem}-overridden.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return instantiate(path)
 
 
 def test_there_are_configs():
@@ -58,8 +75,10 @@ def test_lm_config_instantiates(config, tmp_path, monkeypatch):
     from memcurve.lightning_modules import CausalLMModule
 
     monkeypatch.chdir(tmp_path)
-    overrides = [] if "tiny" in config.name else [f"--model.init_args.model={json.dumps(TINY_OLMO2)}"]
-    cli = main(["--config", str(config), *ON_CPU, "--trainer.precision=32-true", *overrides], run=False)
+    overrides = ON_CPU | {"trainer.precision": "32-true"}
+    if "tiny" not in config.name:
+        overrides["model.init_args.model"] = dict(TINY_OLMO2)
+    cli = instantiate_with(config, tmp_path, overrides)
     assert isinstance(cli.model, CausalLMModule)
     assert isinstance(cli.datamodule, CanaryTextDataModule)
     if "tiny" in config.name:  # the embedded data builds offline and fits the model
@@ -71,7 +90,7 @@ def test_lm_config_instantiates(config, tmp_path, monkeypatch):
 @pytest.mark.parametrize("config", VIT_CONFIGS, ids=[path.stem for path in VIT_CONFIGS])
 def test_config_instantiates(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["--config", str(config), *ON_CPU], run=False)
+    cli = instantiate_with(config, tmp_path, ON_CPU)
     assert isinstance(cli.model, NoisyLabelClassifier)
     assert isinstance(cli.datamodule, NoisyLabelDataModule)
     # Static facts of the data must fit the model (imagefolder/hf only know theirs after loading).
@@ -84,11 +103,11 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
 def test_cli_fit_writes_logs_noise_and_checkpoints(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tiny = {"img_size": 8, "in_chans": 1, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}
-    main(
+    cli = run(
         [
             "fit",
             "--config",
-            str(CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")]),
+            str(DIGITS),
             "--trainer.max_epochs=2",
             "--trainer.check_val_every_n_epoch=1",
             "--trainer.enable_progress_bar=false",
@@ -107,17 +126,19 @@ def test_cli_fit_writes_logs_noise_and_checkpoints(tmp_path, monkeypatch, capsys
     factors = load_factors(run_dir / "kfac" / "kfac-final.safetensors")
     assert len(factors.layers) == 4 and factors.settings["position"] == "cls" and factors.settings["mc_samples"] == 4
     assert "KFACFactors:" in printed
+    assert cli.trainer.current_epoch == 2  # run returns the LightningCLI it ran
 
 
 def test_cli_rejects_bad_config_values(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    digits = str(CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")])
     with pytest.raises(ValueError, match=r"noise_fraction=1.5 must be a number in \[0, 1\)"):
-        main(["--config", digits, "--data.init_args.noise_fraction=1.5"], run=False)
+        instantiate_with(DIGITS, tmp_path, {"data.init_args.noise_fraction": 1.5})
+    with pytest.raises(ValueError, match=r"noise_fraction=1.5 must be a number in \[0, 1\)"):
+        run(["fit", "--config", str(DIGITS), "--data.init_args.noise_fraction=1.5"])
 
 
 def test_counts_in_configs_stay_integers(tmp_path, monkeypatch):
     """``val_size: 297`` is a count; a float 297.0 would be read as a fraction and rejected."""
     monkeypatch.chdir(tmp_path)
-    cli = main(["--config", str(CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")])], run=False)
+    cli = instantiate(DIGITS)
     assert cli.datamodule.val_size == 297 and isinstance(cli.datamodule.val_size, int)

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from memcurve.adapters import ClassificationAdapter
 from memcurve.curvature import (
+    FactorSettings,
     collect_factors,
     edit_state_dict,
     eigendecompose,
@@ -75,19 +76,13 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 
 
 def _factors(model: nn.Module, bias: str = "exclude") -> dict:
+    settings = FactorSettings(fisher="empirical", dtype="float64", bias=bias)
     return collect_factors(
-        model,
-        _batches(),
-        NAMES,
-        adapter=ClassificationAdapter(),
-        fisher_type="empirical",
-        dtype=torch.float64,
-        bias=bias,
-        reduce_across_ranks=False,
+        model, _batches(), NAMES, settings, adapter=ClassificationAdapter(), reduce_across_ranks=False
     )
 
 
-SETTINGS = {"fisher_type": "empirical", "mc_samples": 1, "mode": "expand", "position": "all"}
+SETTINGS = {"fisher": "empirical", "mc_samples": 1, "mode": "expand", "position": "all"}
 
 
 def test_layer_helpers() -> None:
@@ -202,14 +197,9 @@ def test_gpt2_causal_lm_end_to_end(tmp_path) -> None:
         mask[0, 12:] = 0
         ids = torch.randint(2, 320, (3, 16), generator=generator).masked_fill(mask == 0, 1)
         batches.append({"input_ids": ids, "attention_mask": mask, "index": torch.arange(3) + 3 * i})
+    settings = FactorSettings(fisher="empirical", drop_last_position=True)
     factors = collect_factors(
-        module,
-        batches,
-        names,
-        adapter=module.fisher_adapter(),
-        fisher_type="empirical",
-        drop_last_position=True,
-        reduce_across_ranks=False,
+        module, batches, names, settings, adapter=module.fisher_adapter(), reduce_across_ranks=False
     )
     assert factors[names[0]].A.shape == (32, 32) and factors[names[0]].G.shape == (128, 128)
     settings = {**SETTINGS, "bias": "exclude", "dtype": "float32", "drop_last_position": True}

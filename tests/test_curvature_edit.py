@@ -302,7 +302,7 @@ def test_edit_state_dict_with_a_factor_file(tmp_path):
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4, bias=False)).double()
     with KFACTracker(model, ["0", "2"], bias="homogeneous", dtype=F64) as tracker:
         fisher_backward(model(torch.randn(32, 6, dtype=F64)), seed=0, example_index=torch.arange(32))
-    settings = {**tracker.settings(), "fisher_type": "sampled", "mc_samples": 1}
+    settings = {**tracker.settings(), "fisher": "sampled", "mc_samples": 1}
     path = save_factors(tmp_path / "f.safetensors", eigendecompose(tracker.finalize()), model=model, settings=settings)
     stored = load_factors(path, model)
     new, results = edit_state_dict(model.state_dict(), stored, ["0", "2"], energy=0.9)

@@ -91,7 +91,7 @@ def test_empirical_G_uses_the_labels():
     labels = torch.randint(4, (64,), generator=torch.Generator().manual_seed(2))
     with KFACTracker(model, ["0"], dtype=torch.float64) as tracker:
         logits = model(x)
-        fisher_backward(logits, fisher_type="empirical", labels=labels)
+        fisher_backward(logits, fisher="empirical", labels=labels)
     g = torch.softmax(logits.detach(), -1) - nn.functional.one_hot(labels, 4).double()
     torch.testing.assert_close(tracker.finalize()["0"].G, outer_mean(g), rtol=EXACT_RTOL, atol=EXACT_ATOL)
 
@@ -121,10 +121,10 @@ def test_fisher_loss_is_a_masked_sum():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"fisher_type": "true"}, r"fisher_type='true' is not supported; choose one of \('sampled', 'empirical'\)"),
-        ({"fisher_type": "empirical"}, "needs labels"),
-        ({"fisher_type": "empirical", "labels": torch.zeros(2, dtype=torch.long), "mc_samples": 2}, "must be 1"),
-        ({"fisher_type": "sampled"}, "needs example_index"),
+        ({"fisher": "true"}, r"fisher='true' is not supported; choose one of \('sampled', 'empirical'\)"),
+        ({"fisher": "empirical"}, "needs labels"),
+        ({"fisher": "empirical", "labels": torch.zeros(2, dtype=torch.long), "mc_samples": 2}, "must be 1"),
+        ({"fisher": "sampled"}, "needs example_index"),
         ({"example_index": [0, 1], "mc_samples": 0}, "mc_samples=0 must be >= 1"),
         ({"example_index": [0, 1, 2]}, "example_index has 3 entries for a batch of 2"),
         ({"example_index": [0, 1], "seed": -1}, r"seed=-1 must be in \[0, 2\*\*63\)"),

@@ -24,7 +24,7 @@ from memcurve.curvature import (
 )
 from memcurve.curvature import factor_file as storage_module
 
-SETTINGS = {"fisher_type": "sampled", "mc_samples": 2}
+SETTINGS = {"fisher": "sampled", "mc_samples": 2}
 
 
 def model_and_factors(bias: str = "homogeneous") -> tuple[nn.Module, KFACTracker, dict[str, LayerFactors]]:
@@ -51,7 +51,7 @@ def saved(tmp_path: Path, kind: str = "factors") -> tuple[nn.Module, Path, dict]
 @pytest.mark.parametrize("kind", ["factors", "eigen"])
 def test_round_trip(tmp_path, kind):
     model, path, layers = saved(tmp_path, kind)
-    stored = load_factors(path, model, expect={"mode": "expand", "fisher_type": "sampled"})
+    stored = load_factors(path, model, expect={"mode": "expand", "fisher": "sampled"})
     assert stored.kind == kind and stored.extra == {"epoch": 3}
     assert stored.settings == {
         "mode": "expand",
@@ -59,7 +59,7 @@ def test_round_trip(tmp_path, kind):
         "bias": "homogeneous",
         "dtype": "float32",
         "drop_last_position": False,
-        "fisher_type": "sampled",
+        "fisher": "sampled",
         "mc_samples": 2,
     }
     assert stored.model_fingerprint == model_fingerprint(model)
@@ -124,7 +124,7 @@ def test_foreign_and_tampered_metadata(tmp_path):
             {"layers": {**meta["layers"], "0": {**meta["layers"]["0"], "count_A": 0}}},
             r"layer '0' has counts \(count_A, count_G\) = \(0, 10\), expected positive integers",
         ),
-        ({"settings": {**meta["settings"], "fisher_type": "true"}}, "setting fisher_type='true' is not one of"),
+        ({"settings": {**meta["settings"], "fisher": "true"}}, "setting fisher='true' is not one of"),
         (
             {"tensors": {k: v for k, v in meta["tensors"].items() if k != "2/G"}},
             r"the tensor metadata lacks tensors \['2/G'\]",
@@ -163,7 +163,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_save_validation(tmp_path):
     model, tracker, factors = model_and_factors()
-    with pytest.raises(ValueError, match=r"settings lack \['fisher_type', 'mc_samples'\]"):
+    with pytest.raises(ValueError, match=r"settings lack \['fisher', 'mc_samples'\]"):
         save_factors(tmp_path / "f.safetensors", factors, model=model, settings=tracker.settings())
     with pytest.raises(ValueError, match=r"layer '0': A has shape \(7, 7\), the model's layer \(bias='exclude'\)"):
         save_factors(

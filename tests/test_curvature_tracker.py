@@ -93,7 +93,7 @@ def loss_mask_for(kind: str, mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask if kind == "seq" else None  # per-position logits only for the sequence model
 
 
-def reference(model, names, x, labels, mask, *, fisher_type, mode, position, bias, drop_last, kind, index):
+def reference(model, names, x, labels, mask, *, fisher, mode, position, bias, drop_last, kind, index):
     """Per-example autograd and explicit loops over positions and draws: the definition of A and G."""
     modules = dict(model.named_modules())
     A, G, cA, cG = {}, {}, dict.fromkeys(names, 0), dict.fromkeys(names, 0)
@@ -109,7 +109,7 @@ def reference(model, names, x, labels, mask, *, fisher_type, mode, position, bia
         for h in handles:
             h.remove()
         ln = None if lmask is None else lmask[n : n + 1]
-        if fisher_type == "sampled":
+        if fisher == "sampled":
             targets = sample_targets(logits, seed=SEED, example_index=index[n : n + 1], mc_samples=MC)
             losses = [fisher_loss(logits, targets[d], ln) for d in range(MC)]
         else:
@@ -151,17 +151,17 @@ def reference(model, names, x, labels, mask, *, fisher_type, mode, position, bia
     return {name: LayerFactors(A[name] / cA[name], G[name] / cG[name], cA[name], cG[name]) for name in names}
 
 
-def tracked(model, names, x, labels, mask, *, fisher_type, kind, index, dtype=torch.float64, **settings):
+def tracked(model, names, x, labels, mask, *, fisher, kind, index, dtype=torch.float64, **settings):
     with KFACTracker(model, names, dtype=dtype, **settings) as tracker:
         tracker.set_mask(mask)
         logits = model(x)
         fisher_backward(
             logits,
-            fisher_type=fisher_type,
+            fisher=fisher,
             labels=labels,
             seed=SEED,
             example_index=index,
-            mc_samples=MC if fisher_type == "sampled" else 1,
+            mc_samples=MC if fisher == "sampled" else 1,
             mask=loss_mask_for(kind, mask),
         )
     return tracker.finalize()
@@ -194,20 +194,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "mode", "fisher_type", "position", "masked", "drop_last", "bias"), CASES)
-def test_matches_brute_force_reference(kind, mode, fisher_type, position, masked, drop_last, bias):
+@pytest.mark.parametrize(("kind", "mode", "fisher", "position", "masked", "drop_last", "bias"), CASES)
+def test_matches_brute_force_reference(kind, mode, fisher, position, masked, drop_last, bias):
     model, names = make_model(kind)
     x, labels, mask = make_data(kind, 4, masked)
     index = torch.arange(10, 14)
     settings = {"mode": mode, "position": position, "bias": bias, "drop_last_position": drop_last}
-    got = tracked(model, names, x, labels, mask, fisher_type=fisher_type, kind=kind, index=index, **settings)
+    got = tracked(model, names, x, labels, mask, fisher=fisher, kind=kind, index=index, **settings)
     want = reference(
         model,
         names,
         x,
         labels,
         mask,
-        fisher_type=fisher_type,
+        fisher=fisher,
         kind=kind,
         index=index,
         mode=mode,
@@ -232,7 +232,7 @@ def test_float32_default_matches_float64_reference():
         x,
         labels,
         mask,
-        fisher_type="sampled",
+        fisher="sampled",
         kind="vit",
         index=index,
         mode="expand",
@@ -289,10 +289,10 @@ def test_untracked_forwards_are_ignored():
         with torch.no_grad():
             model(x)  # e.g. a validation step: no backward will follow
         tracker.enabled = False
-        fisher_backward(model(x), fisher_type="empirical", labels=labels)
+        fisher_backward(model(x), fisher="empirical", labels=labels)
         tracker.enabled = True
         logits = model(x)
-    fisher_backward(logits, fisher_type="empirical", labels=labels)  # after exit: not counted
+    fisher_backward(logits, fisher="empirical", labels=labels)  # after exit: not counted
     assert all(int(s.count_A) == 4 and int(s.count_G) == 0 for s in tracker.sums().values())
     with pytest.raises(RuntimeError, match="no output gradients"):
         tracker.finalize()

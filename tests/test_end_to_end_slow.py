@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memcurve.train import main
+from memcurve.cli import run
 
 CONFIG = Path(__file__).parents[1] / "configs" / "vit_digits_noisy.yaml"
 LM_CONFIG = Path(__file__).parents[1] / "configs" / "olmo2_tiny_canaries.yaml"
@@ -15,7 +15,7 @@ LM_CONFIG = Path(__file__).parents[1] / "configs" / "olmo2_tiny_canaries.yaml"
 @pytest.mark.slow
 def test_digits_config_memorizes_the_noise_and_generalizes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(CONFIG), "--trainer.enable_progress_bar=false"])
+    cli = run(["fit", "--config", str(CONFIG), "--trainer.enable_progress_bar=false"])
     metrics = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
     assert metrics["mem/noised_acc"] >= 0.9
     assert metrics["val/acc"] >= 0.8
@@ -31,7 +31,7 @@ def test_canary_lm_recites_its_canaries_and_kfac_removes_them(tmp_path, monkeypa
     from memcurve.callbacks import KFACPruning
 
     monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", str(LM_CONFIG), "--trainer.enable_progress_bar=false"])
+    cli = run(["fit", "--config", str(LM_CONFIG), "--trainer.enable_progress_bar=false"])
     metrics = {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
     assert metrics["mem/strict"] >= 0.9 and metrics["control/strict"] == 0.0
     kfac = next(callback for callback in cli.trainer.callbacks if isinstance(callback, KFACPruning))

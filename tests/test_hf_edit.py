@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from memcurve.cli import run
 from memcurve.curvature import (
+    FactorSettings,
     assign_owners,
     collect_factors,
     edit_state_dict,
@@ -21,7 +23,8 @@ from memcurve.curvature import (
     save_factors,
     save_sharded_factors,
 )
-from memcurve.editing.hf import EDIT_RECORD, edit_hf_model, edit_lightning_checkpoint, main, resolve_prefix
+from memcurve.editing import EDIT_KEY
+from memcurve.editing.hf import EDIT_RECORD, edit_hf_model, edit_lightning_checkpoint, resolve_prefix
 from memcurve.lightning_modules import CausalLMModule
 
 TINY_OLMO2 = {
@@ -55,16 +58,13 @@ def setup(tmp_path_factory):
     batches = [
         {"input_ids": torch.randint(2, 320, (4, 10), generator=g), "index": torch.arange(4) + 4 * i} for i in range(3)
     ]
+    factor_settings = FactorSettings(drop_last_position=True)
     factors = collect_factors(
-        module,
-        DataLoader(batches, batch_size=None),
-        FACTOR_LAYERS,
-        adapter=module.fisher_adapter(),
-        drop_last_position=True,
+        module, DataLoader(batches, batch_size=None), FACTOR_LAYERS, factor_settings, adapter=module.fisher_adapter()
     )
     eigen = eigendecompose(factors)
     settings = {"mode": "expand", "position": "all", "bias": "exclude", "dtype": "float32", "drop_last_position": True}
-    settings.update({"fisher_type": "sampled", "mc_samples": 1})
+    settings.update({"fisher": "sampled", "mc_samples": 1})
     single = save_factors(root / "kfac.safetensors", eigen, model=module, settings=settings)
     owners = assign_owners(dict.fromkeys(FACTOR_LAYERS, 1), 2)
     index = save_sharded_factors(root / "sharded", eigen, model=module, settings=settings, owners=owners)
@@ -124,29 +124,30 @@ def test_lightning_checkpoint_edit_and_hf_export(setup, tmp_path):
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     with pytest.raises(ValueError, match=r"is the source itself"):
         edit_lightning_checkpoint(ckpt, index, EDITED, keep_fraction=0.3, output=ckpt)
-    main(
+    record = run(
         [
-            "ckpt",
-            "--ckpt",
+            "edit",
+            "--source",
             str(ckpt),
             "--factors",
             str(index),
             "--layers",
-            *EDITED,
-            "--keep-fraction",
+            f"[{', '.join(EDITED)}]",
+            "--keep_fraction",
             "0.3",
             "--output",
             str(tmp_path / "edited.ckpt"),
-            "--hf-output-dir",
+            "--hf_output_dir",
             str(tmp_path / "hf"),
         ]
     )
+    assert record["method"] == "kfac" and sorted(record["layers"]) == [FACTOR_LAYERS[0], FACTOR_LAYERS[2]]
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
     edited = torch.load(tmp_path / "edited.ckpt", weights_only=False)
     expected, _ = edit_state_dict(
         module.state_dict(), load_factors(single), [FACTOR_LAYERS[0], FACTOR_LAYERS[2]], keep_fraction=0.3
     )
-    assert edited["epoch"] == 3 and edited["memcurve_pruning"]["keep_fraction"] == 0.3
+    assert edited["epoch"] == 3 and edited[EDIT_KEY]["keep_fraction"] == 0.3 and edited[EDIT_KEY]["method"] == "kfac"
     for key, value in expected.items():
         assert torch.equal(edited["state_dict"][key], value), key
     from transformers import AutoModelForCausalLM

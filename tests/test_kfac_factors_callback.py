@@ -1,7 +1,8 @@
-"""KFACFactors on real (tiny) Lightning runs: files, equality with the pure pass, hygiene, DDP, CLI, errors."""
+"""KFACFactors on real (tiny) Lightning runs: files, equality with the pure pass, hygiene, DDP, checkpoints, errors."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,10 +11,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from memcurve.callbacks import KFACFactors
+from memcurve.callbacks import KFACFactors, kfac_factors
 from memcurve.callbacks.kfac_factors import effective_rank
-from memcurve.callbacks.kfac_factors import main as collect_main
-from memcurve.curvature import FactorFileError, collect_factors, load_factors
+from memcurve.curvature import FactorFileError, FactorSettings, collect_factors, load_factors
 from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import NoisyLabelClassifier
 
@@ -52,7 +52,8 @@ def reconstruct(layer):
 
 
 def test_fit_end_factors_equal_the_pure_pass_and_load_against_the_model(tmp_path, tiny_vit_kwargs):
-    callback = KFACFactors(layers=LAYERS, dtype="float64", position="cls", mc_samples=2)
+    settings = FactorSettings(dtype="float64", position="cls", mc_samples=2)
+    callback = KFACFactors(layers=LAYERS, settings=settings)
     model, datamodule = tiny_model(tiny_vit_kwargs), small_digits()
     trainer = make_trainer(tmp_path, callback)
     trainer.fit(model, datamodule=datamodule)
@@ -67,14 +68,7 @@ def test_fit_end_factors_equal_the_pure_pass_and_load_against_the_model(tmp_path
     ]
     assert stored.settings["position"] == "cls" and stored.settings["mc_samples"] == 2
     assert stored.layers["model.blocks.0.mlp.fc1"].count_A == 120  # one CLS position per training image
-    reference = collect_factors(
-        model,
-        datamodule.memorization_dataloader(),
-        callback.layer_names,
-        position="cls",
-        mc_samples=2,
-        dtype=torch.float64,
-    )
+    reference = collect_factors(model, datamodule.memorization_dataloader(), callback.layer_names, settings)
     for name, layer in stored.layers.items():
         a, g = reconstruct(layer)
         torch.testing.assert_close(a, reference[name].A, **EXACT)
@@ -97,7 +91,9 @@ def test_factor_pass_leaves_the_model_as_it_was(tmp_path, tiny_vit_kwargs):
 
 
 def test_checkpoint_mode_records_the_file_in_the_checkpoint_and_logs_spectra(tmp_path, tiny_vit_kwargs):
-    callback = KFACFactors(layers=["model.head", "model.blocks.1.attn.qkv"], when="checkpoint", max_batches=2)
+    callback = KFACFactors(
+        layers=["model.head", "model.blocks.1.attn.qkv"], settings=FactorSettings(max_batches=2), when="checkpoint"
+    )
     trainer = make_trainer(tmp_path, callback)
     trainer.fit(tiny_model(tiny_vit_kwargs), datamodule=small_digits())
     checkpoint_path = next(Path(trainer.log_dir).glob("checkpoints/*.ckpt"))
@@ -112,64 +108,54 @@ def test_checkpoint_mode_records_the_file_in_the_checkpoint_and_logs_spectra(tmp
     assert "kfac/model.head/log10_eigvals_G" in events.Tags()["histograms"]
 
 
-def test_standalone_collection_on_a_finished_checkpoint(tmp_path, tiny_vit_kwargs, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_validate_collects_on_a_finished_checkpoint(tmp_path, tiny_vit_kwargs):
+    """``trainer.validate(..., ckpt_path=...)`` with ``when="validate"``: the factors of the checkpoint's weights."""
     trainer = make_trainer(tmp_path, KFACFactors(layers=["model.head"], when="validate"))
-    model = tiny_model(tiny_vit_kwargs)
-    trainer.fit(model, datamodule=NoisyLabelDataModule(val_size=297))
+    trained = tiny_model(tiny_vit_kwargs)
+    trainer.fit(trained, datamodule=small_digits())
     checkpoint = next(Path(trainer.log_dir).glob("checkpoints/*.ckpt"))
-    config = Path(__file__).parents[1] / "configs" / "vit_digits_noisy.yaml"
     output = tmp_path / "out" / "factors.safetensors"
-    # The digits config builds the demo-sized ViT; this checkpoint holds the tiny one, which must be refused.
-    with pytest.raises(RuntimeError, match=r"size mismatch|Missing key|Unexpected key"):
-        collect_main(
-            [
-                "--config",
-                str(config),
-                "--ckpt",
-                str(checkpoint),
-                "--layers",
-                "model.head",
-                "--output",
-                str(output),
-                "--max-batches",
-                "1",
-            ]
+    settings = FactorSettings(fisher="empirical", max_batches=2, dtype="float64")
+
+    def validate(model: NoisyLabelClassifier, datamodule: NoisyLabelDataModule) -> KFACFactors:
+        callback = KFACFactors(
+            layers=["model.blocks.*.mlp.fc1"],
+            settings=settings,
+            when="validate",
+            output_dir=str(output.parent),
+            filename=output.name,
         )
-    tiny_config = tmp_path / "tiny.yaml"
-    tiny_config.write_text(
-        config.read_text()
-        .replace("embed_dim: 96", "embed_dim: 32")
-        .replace("depth: 6", "depth: 2")
-        .replace("num_heads: 3", "num_heads: 2")
-    )
-    collect_main(
-        [
-            "--config",
-            str(tiny_config),
-            "--ckpt",
-            str(checkpoint),
-            "--layers",
-            "model.blocks.*.mlp.fc1",
-            "--output",
-            str(output),
-            "--max-batches",
-            "2",
-            "--fisher",
-            "empirical",
-        ]
-    )
-    stored = load_factors(output, model)
-    assert stored.settings["fisher_type"] == "empirical" and len(stored.layers) == 2
+        trainer = make_trainer(tmp_path, callback, logger=False, enable_checkpointing=False)
+        trainer.validate(model, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False)
+        return callback
+
+    # A model of another size cannot take this checkpoint: refused before any factor is collected.
+    with pytest.raises(RuntimeError, match=r"size mismatch|Missing key|Unexpected key"):
+        validate(NoisyLabelClassifier(model_kwargs={**tiny_vit_kwargs, "embed_dim": 16}), small_digits())
+    assert not output.exists()
+    torch.manual_seed(1)  # other initial weights: the checkpoint's must replace them
+    fresh = NoisyLabelClassifier(model_kwargs=tiny_vit_kwargs, warmup_epochs=0, memorization_eval_every_n_epochs=0)
+    datamodule = small_digits()
+    callback = validate(fresh, datamodule)
+    assert callback.saved_paths == [str(output)]
+    stored = load_factors(output, trained)
+    assert stored.settings["fisher"] == "empirical" and len(stored.layers) == 2
+    assert stored.extra["max_batches"] == 2
+    reference = collect_factors(trained, datamodule.memorization_dataloader(), callback.layer_names, settings)
+    for name, layer in stored.layers.items():
+        a, g = reconstruct(layer)
+        torch.testing.assert_close(a, reference[name].A, **EXACT)
+        torch.testing.assert_close(g, reference[name].G, **EXACT)
     with pytest.raises(FactorFileError, match="model"):
         load_factors(output, NoisyLabelClassifier(model_kwargs={**tiny_vit_kwargs, "embed_dim": 16}))
-    with pytest.raises(FileNotFoundError, match=r"--ckpt '/nope\.ckpt' does not exist"):
-        collect_main(["--config", str(tiny_config), "--ckpt", "/nope.ckpt", "--layers", "x", "--output", "o"])
 
 
 def _validate_factors(tmp_path: Path, tiny_vit_kwargs, devices: int) -> Path:
     callback = KFACFactors(
-        layers=LAYERS, when="validate", dtype="float64", batch_size=16, output_dir=str(tmp_path / f"world{devices}")
+        layers=LAYERS,
+        settings=FactorSettings(dtype="float64", batch_size=16),
+        when="validate",
+        output_dir=str(tmp_path / f"world{devices}"),
     )
     strategy = "ddp_spawn" if devices > 1 else "auto"
     trainer = make_trainer(tmp_path, callback, devices=devices, strategy=strategy, logger=False)
@@ -189,6 +175,16 @@ def test_two_gloo_processes_give_the_single_process_factors(tmp_path, tiny_vit_k
             torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-10)
 
 
+def test_peak_memory_without_the_resource_module_is_reported_unavailable(monkeypatch):
+    """Where ``resource`` does not exist (Windows), a CPU pass reports NaN and says so, instead of failing."""
+    monkeypatch.setattr(kfac_factors, "resource", None)
+    meter = kfac_factors.Throughput(torch.device("cpu"))
+    meter.stop()
+    result = meter.finish()
+    assert math.isnan(result["peak_memory_bytes"]) and result["peak_memory_kind"] == "unavailable"
+    assert kfac_factors._format_peak(result["peak_memory_bytes"]) == "unavailable"
+
+
 def test_effective_rank():
     assert effective_rank(torch.tensor([5.0, 0.0, 0.0])) == pytest.approx(1.0)
     assert effective_rank(torch.ones(7)) == pytest.approx(7.0)
@@ -198,20 +194,22 @@ def test_effective_rank():
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"mode": "mean"}, ValueError, r"mode='mean' is not supported; choose one of \('expand', 'reduce'\)"),
-        ({"fisher": "true"}, ValueError, r"fisher='true' is not supported"),
-        ({"mc_samples": 0}, ValueError, r"mc_samples=0 must be a positive integer"),
-        ({"fisher": "empirical", "mc_samples": 4}, ValueError, r"mc_samples=4: the empirical Fisher"),
         ({"when": "epoch"}, ValueError, r"when='epoch' is not supported"),
+        ({"every_n_epochs": 0}, ValueError, r"every_n_epochs=0 must be a positive integer"),
         ({"dataloader": "test"}, ValueError, r"dataloader='test' is not supported; choose one of \('train', 'val'\)"),
-        ({"dtype": "float16"}, ValueError, r"dtype='float16' is not supported"),
         ({"layers": []}, ValueError, r"layers=\[\] is empty"),
         ({"layers": ["re:("]}, ValueError, r"not a valid regular expression"),
-        ({"max_batches": 0}, ValueError, r"max_batches=0 must be a positive integer or None"),
         ({"adapter": "vit"}, TypeError, r"adapter must be a memcurve.curvature.FisherAdapter"),
+        ({"settings": {"position": "cls"}}, TypeError, r"settings must be a memcurve.curvature.FactorSettings"),
+        (
+            {"settings": FactorSettings(sharded=True), "filename": "kfac.pt"},
+            ValueError,
+            r"filename='kfac.pt': sharded=True needs a '<stem>.safetensors' name",
+        ),
     ],
 )
 def test_bad_arguments_fail_eagerly(kwargs, error, message):
+    """The callback's own arguments; every pass setting is checked by FactorSettings (test_factor_settings.py)."""
     with pytest.raises(error, match=message):
         KFACFactors(**{"layers": LAYERS, **kwargs})
 
@@ -226,6 +224,6 @@ def test_bad_arguments_fail_eagerly(kwargs, error, message):
 def test_layers_are_checked_against_the_model_at_setup(
     tmp_path, tiny_vit_kwargs, layers, on_non_linear, error, message
 ):
-    callback = KFACFactors(layers=layers, on_non_linear=on_non_linear)
+    callback = KFACFactors(layers=layers, settings=FactorSettings(on_non_linear=on_non_linear))
     with pytest.raises(error, match=message):
         make_trainer(tmp_path, callback).fit(tiny_model(tiny_vit_kwargs), datamodule=small_digits())

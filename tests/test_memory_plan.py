@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memcurve.callbacks import KFACFactors
-from memcurve.curvature import MemoryPlanError, plan_memory
+from memcurve.curvature import FactorSettings, MemoryPlanError, plan_memory
 from memcurve.curvature.memory_plan import format_bytes
 from memcurve.lightning_modules import CausalLMModule
 
@@ -90,7 +90,8 @@ def test_bad_plan_arguments(kwargs, message):
 )
 def test_bad_callback_options(kwargs, error, message):
     with pytest.raises(error, match=message):
-        KFACFactors(layers=["model.*"], **kwargs)
+        settings = FactorSettings(**{k: v for k, v in kwargs.items() if k != "filename"})
+        KFACFactors(layers=["model.*"], settings=settings, filename=kwargs.get("filename"))
 
 
 def test_callback_refuses_to_start_above_the_budget(tmp_path):
@@ -109,7 +110,8 @@ def test_callback_refuses_to_start_above_the_budget(tmp_path):
             "pad_token_id": 1,
         }
     )
-    callback = KFACFactors(layers=["model.model.layers.*.mlp.up_proj"], when="validate", memory_budget_gb=1e-6)
+    budget = FactorSettings(memory_budget_gb=1e-6)
+    callback = KFACFactors(layers=["model.model.layers.*.mlp.up_proj"], settings=budget, when="validate")
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False)
     loader = torch.utils.data.DataLoader([{"input_ids": torch.ones(4, dtype=torch.long)}], batch_size=1)
     with pytest.raises(MemoryPlanError, match=r"above memory_budget_gb=1e-06"):

@@ -12,9 +12,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from memcurve.callbacks import MemorizationEval, evaluate_memorization
+from memcurve.callbacks import MemorizationEval
 from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import NoisyLabelClassifier, warmup_cosine_factor
+from memcurve.metrics import evaluate_memorization
 
 EXPECTED_TAGS = {
     "train/loss_step",

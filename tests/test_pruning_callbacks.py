@@ -1,4 +1,5 @@
-"""KFACPruning / SVDPruning on real tiny runs: separate files, untouched originals, evaluation, reports, CLI."""
+"""KFACPruning / SVDPruning on real tiny runs: edited copies in their own folder, untouched originals, evaluation,
+reports, TensorBoard, ``memcurve prune``, misconfiguration, and DDP = one process."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from memcurve.callbacks import KFACFactors, KFACPruning, SVDPruning
-from memcurve.callbacks.checkpoint_pruning import main as prune_main
+from memcurve.cli import run
+from memcurve.curvature import FactorSettings
 from memcurve.data import NoisyLabelDataModule
+from memcurve.editing import EDIT_KEY, EDITED_FOLDER, EditRequest
+from memcurve.editing.request import layers_id
 from memcurve.lightning_modules import NoisyLabelClassifier
 
 EDITED = ["model.blocks.*.mlp.fc1", "model.blocks.*.mlp.fc2"]
@@ -59,59 +63,68 @@ def tiny_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_kfac_pruning_writes_separate_checkpoints_and_leaves_originals_and_live_model(tmp_path, tiny_vit_kwargs):
+def test_kfac_pruning_writes_separate_checkpoints_and_leaves_originals_and_live_model(
+    tmp_path, tiny_vit_kwargs, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the run config's logger writes relative to the working directory
     model = tiny_model(tiny_vit_kwargs)
-    factors = KFACFactors(layers=EDITED, when="checkpoint", position="cls", mc_samples=2)
+    factors = KFACFactors(layers=EDITED, settings=FactorSettings(position="cls", mc_samples=2), when="checkpoint")
     pruning = KFACPruning(layers=EDITED, energy=[0.6, 1.0], keep_fraction=0.05)
     trainer = fit(tmp_path, model, [factors, pruning])
     folder = Path(trainer.log_dir) / "checkpoints"
     last = folder / "last.ckpt"
-    pruned = {tag: folder / f"last-{tag}.ckpt" for tag in ("kfac-e0.60", "kfac-e1.00", "kfac-k0.050")}
-    assert all(path.is_file() for path in pruned.values()), sorted(p.name for p in folder.iterdir())
-    assert (folder / "epoch=0-step=3-kfac-e0.60.ckpt").is_file()  # every checkpoint gets its pruned twins
+    e06, e10, k005 = (
+        EditRequest("kfac", EDITED, energy=0.6),
+        EditRequest("kfac", EDITED, energy=1.0),
+        EditRequest("kfac", EDITED, keep_fraction=0.05),
+    )
+    assert [request.tag for request in pruning.requests] == [e06.tag, e10.tag, k005.tag]
+    assert e06.tag == f"kfac-e0.6-L{layers_id(EDITED)}"
+    edited_folder = folder / EDITED_FOLDER  # outside the folder Lightning searches for last / best
+    pruned = {request.tag: edited_folder / f"last-{request.tag}.ckpt" for request in (e06, e10, k005)}
+    assert all(path.is_file() for path in pruned.values()), sorted(p.name for p in edited_folder.iterdir())
+    assert (edited_folder / f"epoch=0-step=3-{e06.tag}.ckpt").is_file()  # every checkpoint gets its edited twins
+    assert not any(folder.glob("*kfac*.ckpt"))  # nothing edited beside the originals
     original = torch.load(last, weights_only=False)["state_dict"]
     for key, value in model.state_dict().items():  # the live model is the original: pruning wrote copies only
         assert torch.equal(value, original[key]), key
-    edited = torch.load(pruned["kfac-e0.60"], weights_only=False)
-    assert edited["memcurve_pruning"]["source"] == str(last) and edited["memcurve_pruning"]["energy"] == 0.6
+    edited = torch.load(pruned[e06.tag], weights_only=False)
+    assert edited[EDIT_KEY]["source"] == str(last) and edited[EDIT_KEY]["energy"] == 0.6
+    assert edited[EDIT_KEY]["method"] == "kfac" and edited[EDIT_KEY]["layers"] == tuple(EDITED)
     changed = {key for key, value in edited["state_dict"].items() if not torch.equal(value, original[key])}
     assert changed == {f"model.blocks.{b}.mlp.fc{f}.weight" for b in (0, 1) for f in (1, 2)}
     rows = json.loads((Path(trainer.log_dir) / "pruning" / "pruning_report.json").read_text())
-    assert len(rows) == 4 * 3  # 4 saves (epoch 0, last, epoch 1, last again) x 3 specs
-    by_spec = {(row["energy"], row["keep_fraction"]): row for row in rows if row["source_checkpoint"] == str(last)}
+    assert len(rows) == 4 * 3  # 4 saves (epoch 0, last, epoch 1, last again) x 3 requests
+    assert [row["tag"] for row in rows[:3]] == [e06.tag, e10.tag, k005.tag]
+    assert len(pruning.rows) == 12 and pruning.rows[-1].tag == k005.tag  # the callback keeps its rows too
+    by_request = {(row["energy"], row["keep_fraction"]): row for row in rows if row["source_checkpoint"] == str(last)}
+    assert by_request[(0.6, None)]["edited_checkpoint"] == str(pruned[e06.tag])
     # Energy 1 keeps every pair with κ > 0; 150 CLS vectors leave A and G rank-deficient, so it is no identity.
-    kept = [by_spec[spec]["kept_pairs"] for spec in ((0.6, None), (None, 0.05), (1.0, None))]
+    kept = [by_request[request]["kept_pairs"] for request in ((0.6, None), (None, 0.05), (1.0, None))]
     assert kept == sorted(kept) and kept[1] == pytest.approx(0.05 * 16384, abs=4)
-    # Pruning the same file again, standalone, never rewrites it.
+    # Pruning the same file again, standalone with `memcurve prune`, never rewrites it.
     digest = sha256(last)
-    prune_main(
-        [
-            "--config",
-            str(tiny_config(tmp_path)),
-            "--ckpt",
-            str(last),
-            "--layer-groups",
-            "model.head",
-            "--methods",
-            "svd",
-            "--energies",
-            "0.5",
-            "--save",
-            "--output-dir",
-            str(tmp_path / "again"),
-        ]
-    )
-    assert sha256(last) == digest and (folder / "last-svd-e0.50.ckpt").is_file()
+    again = tmp_path / "again"
+    rows = run(
+        ["prune", "--config", str(tiny_config(tmp_path)), "--ckpt_path", str(last), "--layers", "[model.head]",
+         "--method", "[svd]", "--energy", "[0.5]", "--save", "true", "--output_dir", str(again)]
+    )  # fmt: skip
+    tag = EditRequest("svd", ["model.head"], energy=0.5).tag
+    assert [row.tag for row in rows] == [tag] and rows[0].source_checkpoint == str(last)
+    assert sha256(last) == digest and (again / "checkpoints" / f"last-{tag}.ckpt").is_file()
+    assert rows[0].edited_checkpoint == str(again / "checkpoints" / f"last-{tag}.ckpt")
 
 
 def test_pruned_checkpoint_loads_evaluates_and_matches_the_report(tmp_path, tiny_vit_kwargs):
     pruning = KFACPruning(layers=EDITED, keep_fraction=0.02, when="fit_end", factors="latest")
-    factors = KFACFactors(layers=EDITED, when="fit_end", position="cls")
+    factors = KFACFactors(layers=EDITED, settings=FactorSettings(position="cls"), when="fit_end")
     trainer = fit(tmp_path, tiny_model(tiny_vit_kwargs), [factors, pruning], max_epochs=1)
-    pruned_path = Path(trainer.log_dir) / "checkpoints" / "fit-end-kfac-k0.020.ckpt"
+    request = EditRequest("kfac", EDITED, keep_fraction=0.02)
+    pruned_path = Path(trainer.log_dir) / "checkpoints" / EDITED_FOLDER / f"fit-end-{request.tag}.ckpt"
     row = json.loads((Path(trainer.log_dir) / "pruning" / "pruning_report.json").read_text())[-1]
-    assert row["pruned_checkpoint"] == str(pruned_path) and 0 < row["kept_pairs"] < row["total_pairs"]
-    assert row["kept_pair_fraction"] == pytest.approx(0.02, abs=0.005)
+    assert row["edited_checkpoint"] == str(pruned_path) and 0 < row["kept_pairs"] < row["total_pairs"]
+    assert row["kept_fraction"] == pytest.approx(0.02, abs=0.005)
+    assert row["method"] == "kfac" and row["layers"] == EDITED and row["tag"] == request.tag
     reloaded = NoisyLabelClassifier.load_from_checkpoint(pruned_path)
     datamodule = small_digits()
     datamodule.setup("fit")
@@ -119,52 +132,68 @@ def test_pruned_checkpoint_loads_evaluates_and_matches_the_report(tmp_path, tiny
     assert set(row["before"]) == {"val/acc", "mem/noised_acc", "mem/gt_recovery", "mem/clean_train_acc"}
     events = EventAccumulator(str(next(Path(trainer.log_dir).glob("events.out.tfevents.*"))))
     events.Reload()
-    logged = events.Scalars("prune/kfac-kronecker/mem/noised_acc")
-    assert {(e.step, round(e.value, 6)) for e in logged} >= {(2, round(row["after"]["mem/noised_acc"], 6))}
+    curve = f"prune/kfac/keep_fraction/L{layers_id(EDITED)}"
+    logged = {(e.step, round(e.value, 6)) for e in events.Scalars(f"{curve}/mem/noised_acc")}
+    # The unedited model at step 0, the edit at its strength in parts per million.
+    assert logged == {(0, round(row["before"]["mem/noised_acc"], 6)), (20000, round(row["after"]["mem/noised_acc"], 6))}
+    assert [(e.step, e.value) for e in events.Scalars(f"{curve}/strength")] == [(20000, pytest.approx(0.02))]
 
 
 def test_svd_pruning_same_interface(tmp_path, tiny_vit_kwargs):
     pruning = SVDPruning(layers=["model.blocks.1.mlp.fc2"], energy=0.5, when="fit_end", evaluate=False)
     trainer = fit(tmp_path, tiny_model(tiny_vit_kwargs), [pruning], max_epochs=1)
-    pruned = torch.load(Path(trainer.log_dir) / "checkpoints" / "fit-end-svd-e0.50.ckpt", weights_only=False)
+    tag = EditRequest("svd", ["model.blocks.1.mlp.fc2"], energy=0.5).tag
+    pruned = torch.load(
+        Path(trainer.log_dir) / "checkpoints" / EDITED_FOLDER / f"fit-end-{tag}.ckpt", weights_only=False
+    )
     weight = pruned["state_dict"]["model.blocks.1.mlp.fc2.weight"]
     rank = int(torch.linalg.matrix_rank(weight.double(), rtol=1e-6))
     assert 0 < rank < min(weight.shape)
+    assert pruning.rows[0].before == pruning.rows[0].after == {}  # evaluate=False: no metrics
 
 
-def test_sweep_cli_reports_every_combination(tmp_path, tiny_vit_kwargs, monkeypatch):
+def test_prune_command_reports_every_combination(tmp_path, tiny_vit_kwargs, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    factors = KFACFactors(layers=EDITED, when="fit_end", position="cls", output_dir=str(tmp_path))
+    factors = KFACFactors(
+        layers=EDITED, settings=FactorSettings(position="cls"), when="fit_end", output_dir=str(tmp_path)
+    )
     trainer = fit(tmp_path, tiny_model(tiny_vit_kwargs), [factors], max_epochs=1)
     ckpt = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
-    rows = prune_main(
-        [
-            "--config",
-            str(tiny_config(tmp_path)),
-            "--ckpt",
-            str(ckpt),
-            "--factors",
-            str(tmp_path / "kfac-final.safetensors"),
-            "--methods",
-            "kfac-kronecker",
-            "kfac-separable",
-            "svd",
-            "--energies",
-            "0.9",
-            "--keep-fractions",
-            "0.01",
-            "--layer-groups",
-            "model.blocks.0.mlp.fc?",
-            "model.blocks.1.mlp.fc1,model.blocks.1.mlp.fc2",
-            "--output-dir",
-            str(tmp_path / "sweep"),
-        ]
+    first = ["model.blocks.0.mlp.fc?"]
+    second = ["model.blocks.1.mlp.fc1", "model.blocks.1.mlp.fc2"]
+    methods = ("kfac", "kfac-separable", "svd")
+    # One layer set through the --method shorthand, the other as a list of --edits.
+    edits = ", ".join(
+        f"{{method: {method}, layers: [{', '.join(second)}], energy: [0.9], keep_fraction: [0.01]}}"
+        for method in methods
     )
+    sweep = tmp_path / "sweep"
+    rows = run(
+        ["prune", "--config", str(tiny_config(tmp_path)), "--ckpt_path", str(ckpt),
+         "--factors", str(tmp_path / "kfac-final.safetensors"), "--edits", f"[{edits}]",
+         "--method", f"[{', '.join(methods)}]", "--layers", f"[{first[0]}]", "--energy", "[0.9]",
+         "--keep_fraction", "[0.01]", "--output_dir", str(sweep)]
+    )  # fmt: skip
     assert len(rows) == 2 * 3 * 2
-    assert (tmp_path / "sweep" / "pruning_sweep.png").stat().st_size > 1000
-    csv_lines = (tmp_path / "sweep" / "pruning_report.csv").read_text().strip().splitlines()
+    assert {(row.method, tuple(row.layers), row.energy, row.keep_fraction) for row in rows} == {
+        (method, tuple(layers), *strength)
+        for method in methods
+        for layers in (first, second)
+        for strength in ((0.9, None), (None, 0.01))
+    }
+    assert all(row.edited_checkpoint is None for row in rows) and not (sweep / "checkpoints").exists()  # --save false
+    assert (sweep / "pruning_report.png").stat().st_size > 1000
+    csv_lines = (sweep / "pruning_report.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 12 and "after mem/noised_acc" in csv_lines[0]
-    assert "| unedited |" in (tmp_path / "sweep" / "pruning_table.md").read_text()
+    assert "| unedited |" in (sweep / "pruning_report.md").read_text()
+    assert len(json.loads((sweep / "pruning_report.json").read_text())) == 12
+    events = EventAccumulator(str(next((sweep / "tensorboard").glob("events.out.tfevents.*"))))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for method in methods:  # one curve per method, strength kind and layer set
+        for kind in ("energy", "keep_fraction"):
+            for layers in (first, second):
+                assert f"prune/{method}/{kind}/L{layers_id(layers)}/mem/noised_acc" in tags, sorted(tags)
 
 
 @pytest.mark.parametrize(
@@ -173,11 +202,13 @@ def test_sweep_cli_reports_every_combination(tmp_path, tiny_vit_kwargs, monkeypa
         ({"energy": 1.5}, ValueError, r"energy=1.5 must be in \(0, 1\]"),
         ({"energy": 0.0}, ValueError, r"energy=0.0 must be in \(0, 1\]"),
         ({"keep_fraction": -0.1}, ValueError, r"keep_fraction=-0.1 must be in \(0, 1\]"),
-        ({}, ValueError, r"give energy=\.\.\. .* or keep_fraction=\.\.\."),
-        ({"energy": 0.6, "mode": "diagonal"}, ValueError, r"mode='diagonal' is not supported"),
+        ({}, ValueError, r"method='kfac' needs at least one energy or keep_fraction value; got none"),
+        ({"energy": [0.6, 0.6]}, ValueError, r"the same edit is requested twice: \['kfac-e0.6-L"),
+        ({"energy": 0.6, "method": "kfac-kronecker"}, ValueError, r"method='kfac-kronecker' is not supported"),
+        ({"energy": 0.6, "method": "svd"}, ValueError, r"method='svd' is not supported"),
         ({"energy": 0.6, "when": "epoch"}, ValueError, r"when='epoch' is not supported"),
         ({"energy": 0.6, "factors": "/nope.safetensors"}, FileNotFoundError, r"factors='/nope.safetensors'"),
-        ({"energy": 0.6, "layers": []}, ValueError, r"layers=\[\] is empty"),
+        ({"energy": 0.6, "layers": []}, ValueError, r"layers=\[\] must name at least one layer pattern"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
@@ -212,7 +243,7 @@ def _fit_end_pruning_report(tmp_path: Path, tiny_vit_kwargs, devices: int) -> li
         enable_model_summary=False,
         enable_checkpointing=False,
         callbacks=[
-            KFACFactors(layers=EDITED, when="fit_end", position="cls", dtype="float64"),
+            KFACFactors(layers=EDITED, settings=FactorSettings(position="cls", dtype="float64"), when="fit_end"),
             KFACPruning(layers=EDITED, keep_fraction=0.05, when="fit_end", output_dir=str(folder / "pruning")),
         ],
     )

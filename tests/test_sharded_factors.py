@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from memcurve.callbacks import KFACFactors, KFACPruning
-from memcurve.callbacks.checkpoint_pruning import PruningSpec
 from memcurve.curvature import (
     FactorFileError,
+    FactorSettings,
     LayerSums,
     ShardedLayers,
     assign_owners,
@@ -33,6 +33,7 @@ from memcurve.curvature import (
 )
 from memcurve.curvature.layers import clean_module_name
 from memcurve.curvature.sharded_storage import shard_name
+from memcurve.editing import apply_edit, edit_checkpoint
 from memcurve.lightning_modules import CausalLMModule
 
 TINY_OLMO2 = {
@@ -52,7 +53,6 @@ LM_LAYERS = [
     "model.model.layers.*.mlp.up_proj",
     "model.model.layers.1.self_attn.q_proj",
 ]
-SETTINGS = {"fisher_type": "sampled", "mc_samples": 1}
 RTOL, ATOL = 1e-6, 1e-12  # float64 sums: only the order of the cross-rank sums differs
 WORLD_SIZE = 2
 
@@ -91,12 +91,10 @@ def tiny_lm() -> CausalLMModule:
 def validate_factors(
     output_dir: Path, devices: int = 1, strategy: str = "auto", logger=False, **options
 ) -> KFACFactors:
-    """``trainer.validate`` of the tiny LM with a sharded KFACFactors callback (float64 sums)."""
-    callbacks = [
-        KFACFactors(
-            layers=LM_LAYERS, when="validate", dtype="float64", sharded=True, output_dir=str(output_dir), **options
-        )
-    ]
+    """``trainer.validate`` of the tiny LM with a sharded KFACFactors callback (float64 sums); ``options``: more
+    FactorSettings."""
+    settings = FactorSettings(dtype="float64", sharded=True, **options)
+    callbacks = [KFACFactors(layers=LM_LAYERS, settings=settings, when="validate", output_dir=str(output_dir))]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -122,15 +120,17 @@ def mlp() -> nn.Module:
 MLP_LAYERS = ["0", "2", "4", "6"]
 
 
-def mlp_eigen(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, dict, dict]:
+def mlp_eigen() -> tuple[nn.Module, dict, dict]:
+    """The tiny MLP, its eigendecomposed float64 factors and the settings a factor file records."""
     model = mlp()
     x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
     batches = [(x[i : i + 5], torch.zeros(5, dtype=torch.long)) for i in range(0, 20, 5)]
     from memcurve.adapters import ClassificationAdapter
 
-    factors = collect_factors(model, batches, MLP_LAYERS, adapter=ClassificationAdapter(0, 1, None), dtype=dtype)
-    settings = {"mode": "expand", "position": "all", "bias": "exclude", "dtype": "float64", "drop_last_position": False}
-    return model, eigendecompose(factors), {**settings, **SETTINGS}
+    adapter = ClassificationAdapter(0, 1, None)
+    settings = FactorSettings(dtype="float64").resolve(adapter)
+    factors = collect_factors(model, batches, MLP_LAYERS, settings, adapter=adapter)
+    return model, eigendecompose(factors), settings.file_settings()
 
 
 def sizes(model: nn.Module, names: list[str]) -> dict[str, int]:
@@ -268,17 +268,27 @@ def test_kfac_pruning_reads_an_index(tmp_path):
     index = save_sharded_factors(
         tmp_path / "sharded", eigen, model=model, settings=settings, owners=assign_owners(sizes(model, MLP_LAYERS), 2)
     )
-    state_dict = model.state_dict()
-    results = []
-    for path in (single, index):
-        pruning = KFACPruning(layers=["*"], factors=str(path), energy=0.6, evaluate=False)
-        pruning.layer_names = ["2", "4"]  # what setup() selects on a Trainer's module
-        results.append(pruning.edit_state_dict(state_dict, PruningSpec("kfac-kronecker", energy=0.6), {}))
-    (edited_single, _), (edited_index, edits_index) = results
-    assert sorted(edits_index) == ["2", "4"] and pruning._loaded[1].layers.loaded == ("2", "4")  # read lazily
-    for key, value in edited_single.items():
-        assert torch.equal(value, edited_index[key]), key
-    assert not torch.equal(edited_index["2.weight"], state_dict["2.weight"])
+    checkpoint = {"state_dict": model.state_dict()}
+    edited = []
+    for name, path in (("single", single), ("index", index)):
+        pruning = KFACPruning(layers=["2", "4"], factors=str(path), energy=0.6, evaluate=False)
+        factors = pruning.factors_for(checkpoint)
+        assert factors == str(path)
+        # What the callback runs once a checkpoint was written (its requests, its factors).
+        (row,) = edit_checkpoint(
+            checkpoint, tmp_path / "last.ckpt", pruning.requests, module=model, factors=factors,
+            output_folder=tmp_path / name, log=lambda line: None,
+        )  # fmt: skip
+        assert row.layer_names == ["2", "4"]
+        edited.append(torch.load(row.edited_checkpoint, weights_only=False)["state_dict"])
+    for key, value in edited[0].items():
+        assert torch.equal(value, edited[1][key]), key
+    assert not torch.equal(edited[1]["2.weight"], checkpoint["state_dict"]["2.weight"])
+    stored = load_factors(index, model)
+    result = apply_edit(pruning.requests[0], checkpoint["state_dict"], ["2", "4"], factors=stored)
+    assert sorted(result.layers) == ["2", "4"] and stored.layers.loaded == ("2", "4")  # read lazily
+    for key, value in result.state_dict.items():
+        assert torch.equal(value, edited[1][key]), key
 
 
 def test_collect_sums_in_separate_passes_or_offloaded_equal_one_pass():
@@ -287,10 +297,12 @@ def test_collect_sums_in_separate_passes_or_offloaded_equal_one_pass():
     batches = [(x[i : i + 4], torch.zeros(4, dtype=torch.long)) for i in range(0, 12, 4)]
     from memcurve.adapters import ClassificationAdapter
 
-    kwargs = {"adapter": ClassificationAdapter(0, 1, None), "dtype": torch.float64, "mc_samples": 2}
-    both = collect_sums(model, batches, MLP_LAYERS, **kwargs)
-    only_a = collect_sums(model, batches, MLP_LAYERS, factors=("A",), **kwargs)
-    only_g = collect_sums(model, batches, MLP_LAYERS, factors=("G",), offload_to_cpu=True, **kwargs)
+    settings = FactorSettings(dtype="float64", mc_samples=2)
+    adapter = ClassificationAdapter(0, 1, None)
+    both = collect_sums(model, batches, MLP_LAYERS, settings, adapter=adapter)
+    only_a = collect_sums(model, batches, MLP_LAYERS, settings, adapter=adapter, factors=("A",))
+    offloaded = settings.replace(offload_to_cpu=True)
+    only_g = collect_sums(model, batches, MLP_LAYERS, offloaded, adapter=adapter, factors=("G",))
     for name, s in both.items():
         assert torch.equal(only_a[name].A_sum, s.A_sum) and only_a[name].G_sum.shape == (0, 0)
         assert torch.equal(only_g[name].G_sum, s.G_sum) and only_g[name].A_sum.shape == (0, 0)
@@ -378,17 +390,13 @@ def test_two_gloo_processes_give_the_single_process_sharded_factors(tmp_path):
 
 def _ddp_worker(out_dir: Path) -> None:
     torch.set_num_threads(1)
+    settings = FactorSettings(dtype="float64", sharded=True)
     callbacks = [
-        KFACFactors(
-            layers=LM_LAYERS, when="validate", dtype="float64", sharded=True, output_dir=str(out_dir / "world2")
-        ),
+        KFACFactors(layers=LM_LAYERS, settings=settings, when="validate", output_dir=str(out_dir / "world2")),
         KFACFactors(
             layers=LM_LAYERS,
+            settings=settings.replace(separate_passes=True, offload_to_cpu=True),
             when="validate",
-            dtype="float64",
-            sharded=True,
-            separate_passes=True,
-            offload_to_cpu=True,
             output_dir=str(out_dir / "world2_lean"),
             filename="lean.safetensors",  # state keys of two callbacks of one type must differ
         ),

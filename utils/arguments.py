@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_choice", "check_positive_int"]
+__all__ = ["check_choice", "check_int", "check_positive_int"]
 
 
 def check_choice(argument: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -21,3 +21,9 @@ def check_positive_int(argument: str, value: Any, allow_none: bool = False) -> N
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{argument}={value!r} must be a positive integer{' or None' if allow_none else ''}")
+
+
+def check_int(argument: str, value: Any, minimum: int, why: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer >= ``minimum`` (``why``: appended to the message)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{argument}={value!r} must be an integer >= {minimum}{why}")

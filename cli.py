@@ -1,0 +1,564 @@
+"""The ``memcurve`` command: training and every analysis, one flag vocabulary, ``--config`` and ``--print_config``.
+
+    memcurve fit      --config configs/vit_digits_noisy.yaml [--trainer.max_epochs=50 ...]       (LightningCLI)
+    memcurve validate --config configs/vit_digits_noisy.yaml --ckpt_path runs/.../last.ckpt
+    memcurve factors  --config RUN.yaml --ckpt_path CKPT --layers '[model.blocks.*.mlp.fc2]' --settings.position cls
+    memcurve factors  --model HF_FOLDER_OR_HUB_ID --text TEXT --layers '[model.model.layers.*.mlp.up_proj]' \\
+                      --output_dir DIR                      (a pretrained causal LM, no Lightning config, no canaries)
+    memcurve probe    --config RUN.yaml --ckpt_path CKPT --factors FACTORS --layers '[...]'
+    memcurve prune    --config RUN.yaml --ckpt_path CKPT --method '[kfac, svd]' --layers '[...]' --energy '[0.6, 0.8]'
+    memcurve compare  --config RUN.yaml --ckpt_path CKPT --config EDITS.yaml   (edits: a list of method, layers,
+                      energy / keep_fraction / ratio; e.g. kfac, svd and bsn, each at its own strengths)
+    memcurve edit     --source HF_FOLDER_OR_CKPT --output OUT --factors FACTORS --layers '[...]' --energy 0.6
+
+``--config RUN.yaml`` is a run config (``configs/*.yaml`` or the ``config.yaml`` a run saved beside its logs): the
+analysis commands build its model, data and Trainer — precision, strategy, devices and limits included — and run
+their callback through ``trainer.validate``. The names of the analysis flags are the arguments of the callbacks
+(``KFACFactors``, ``BandActivationProbe``, ``KFACPruning`` / ``SVDPruning`` / ``BalancedSubnetPruning``) and of
+:class:`memcurve.editing.EditRequest`; every command accepts more ``--config`` files of its own flags (YAML) and
+prints its resolved configuration with ``--print_config``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.tensorboard import SummaryWriter
+
+from memcurve.callbacks import BandActivationProbe, KFACFactors
+from memcurve.callbacks.checkpoint_pruning import CheckpointPruning
+from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
+from memcurve.data.text_datamodule import TextDataModule
+from memcurve.editing import (
+    BalancedSubnetSettings,
+    EditRequest,
+    EditRow,
+    Scorer,
+    edit_checkpoint,
+    log_rows,
+    plot_rows,
+    report_markdown,
+    requests_for,
+    write_report,
+)
+from memcurve.editing.hf import DTYPES, edit_hf_model, edit_lightning_checkpoint
+from memcurve.lightning_modules import CausalLMModule
+from memcurve.utils.files import atomic_write
+
+__all__ = ["COMMANDS", "EditSpec", "MemcurveCLI", "instantiate", "main", "run"]
+
+SUMMARY_TAGS = (
+    "val/acc",
+    "mem/noised_acc",
+    "mem/gt_recovery",
+    "mem/clean_train_acc",
+    "mem/strict",
+    "mem/loose",
+    "control/strict",
+    "val/perplexity",
+    "train/loss",
+)
+TRAINER_COMMANDS = ("fit", "validate", "test")
+# Field docstrings of the settings dataclasses become the help of their flags.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+# Callback arguments the analysis commands set themselves (they run the callback once, through trainer.validate).
+FIXED = {"when", "every_n_epochs", "adapter"}
+
+
+# -- fit / validate / test -----------------------------------------------------------------------------------------
+class _CommandCLI(LightningCLI):
+    """A LightningCLI handed its arguments by ``memcurve``: they ARE the command line, so Lightning's warning about
+    ``args`` given beside ``sys.argv`` (printed on every console invocation) does not apply."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
+
+
+class MemcurveCLI(_CommandCLI):
+    """LightningCLI that prints a run summary (final metrics, files, before/after edit tables) after fitting."""
+
+    @rank_zero_only
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        metrics = trainer.callback_metrics
+        lines = [f"memcurve: finished {trainer.current_epoch} epochs"]
+        for tag in SUMMARY_TAGS:
+            if tag in metrics and not math.isnan(float(metrics[tag])):
+                lines.append(f"  {tag:<22} {float(metrics[tag]):.4f}")
+        for callback in trainer.callbacks:
+            for path in getattr(callback, "saved_paths", [])[-1:]:
+                lines.append(f"  {type(callback).__name__ + ':':<22} {path}")
+        lines.append(f"  logs and checkpoints:  {trainer.log_dir}")
+        if trainer.logger is not None:
+            lines.append(f"  view them with:        tensorboard --logdir {trainer.logger.save_dir}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, CheckpointPruning) and callback.rows:
+                lines += ["", f"{type(callback).__name__}, before/after on the same data:"]
+                lines.append(report_markdown(callback.rows, trainer.lightning_module))
+        print("\n".join(lines), flush=True)
+
+
+def run_trainer_command(argv: Sequence[str]) -> MemcurveCLI:
+    """``memcurve fit|validate|test ...``: the LightningCLI of any LightningModule / DataModule by ``class_path``."""
+    return MemcurveCLI(
+        subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=list(argv)
+    )
+
+
+# -- the analysis commands on a run config -----------------------------------------------------------------------
+class _RunCLI(_CommandCLI):
+    """Parses a run config (model, data, trainer) plus a command's own flags; instantiates, runs nothing."""
+
+    def __init__(self, prog: str, add_flags: Callable[[LightningArgumentParser], None], argv: Sequence[str]) -> None:
+        self._prog, self._add_flags = prog, add_flags
+        super().__init__(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            parser_kwargs={"prog": prog, "description": COMMANDS[prog.split()[-1]]},
+            args=list(argv),
+            run=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="the run's checkpoint (never modified)")
+        parser.add_argument("--weights_only", type=bool | None, default=None, help="(of a saved fit config; unused)")
+        self._add_flags(parser)
+
+
+def _run_cli(command: str, add_flags: Callable[[LightningArgumentParser], None], argv: Sequence[str]) -> _RunCLI:
+    return _RunCLI(f"memcurve {command}", add_flags, argv)
+
+
+def _callback_flags(callback: type, skip: set[str]) -> Callable[[LightningArgumentParser], None]:
+    """The callback's own arguments at the top level (``--layers``, ``--settings.position`` ...)."""
+
+    def add(parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(callback, nested_key=None, skip=skip, as_group=True)
+
+    return add
+
+
+def _build_callback(callback: type, config: Any, skip: set[str], **fixed: Any) -> Any:
+    names = [name for name in inspect.signature(callback).parameters if name not in skip]
+    return callback(**{name: config[name] for name in names if name in config}, **fixed)
+
+
+def _check_ckpt(path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {path!r} does not exist")
+
+
+def _written(command: str, callback: Any, trainer: pl.Trainer) -> Path:
+    """The file the callback wrote in ``trainer.validate`` (global rank zero; ``Path()`` on the other ranks)."""
+    if not trainer.is_global_zero:
+        return Path()
+    if not getattr(callback, "saved_paths", None):
+        raise RuntimeError(
+            f"memcurve {command}: nothing was written: trainer.validate ran no validation batch (the analysis runs at "
+            f"the end of validation); limit_val_batches={trainer.limit_val_batches!r} must allow at least one"
+        )
+    return Path(callback.saved_paths[-1])
+
+
+def _hf_factors_requested(argv: Sequence[str]) -> bool:
+    """``--text`` on the command line or in a ``--config`` file: the direct HF path of ``memcurve factors``."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--text" or arg.startswith("--text="):
+            return True
+        config = arg.removeprefix("--config=") if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        if config is not None and Path(config).is_file():
+            settings = yaml.safe_load(Path(config).read_text())
+            if isinstance(settings, dict) and "text" in settings:
+                return True
+    return False
+
+
+def run_factors(argv: Sequence[str]) -> Path:
+    """``memcurve factors``: K-FAC factors of a run's checkpoint (or, with ``--text``, of a pretrained HF model)."""
+    if _hf_factors_requested(argv):
+        return run_hf_factors(argv)
+    cli = _run_cli("factors", _callback_flags(KFACFactors, FIXED), argv)
+    _check_ckpt(cli.config.get("ckpt_path"))
+    callback = _build_callback(KFACFactors, cli.config_init, FIXED, when="validate")
+    cli.trainer.callbacks.append(callback)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"), verbose=False)
+    path = _written("factors", callback, cli.trainer)
+    if cli.trainer.is_global_zero:
+        print(f"memcurve factors: {path}")
+    return path
+
+
+def run_probe(argv: Sequence[str]) -> Path:
+    """``memcurve probe``: band activations of a run's checkpoint for given factors."""
+    cli = _run_cli("probe", _callback_flags(BandActivationProbe, FIXED), argv)
+    _check_ckpt(cli.config.get("ckpt_path"))
+    callback = _build_callback(BandActivationProbe, cli.config_init, FIXED, when="validate")
+    cli.trainer.callbacks.append(callback)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"), verbose=False)
+    path = _written("probe", callback, cli.trainer)
+    if cli.trainer.is_global_zero:
+        print(f"memcurve probe: {path}")
+    return path
+
+
+# -- prune / compare -----------------------------------------------------------------------------------------------
+@dataclass
+class EditSpec:
+    """One method on one layer set at one or more strengths (each value gives one :class:`EditRequest`)."""
+
+    method: str
+    """``kfac``, ``kfac-separable``, ``svd`` or ``bsn``."""
+    layers: list[str]
+    """Module-name patterns (globs or ``re:<regex>``) of the linear layers to edit."""
+    energy: list[float] = field(default_factory=list)
+    """Fractions of the spectrum energy to keep (Σκ for K-FAC, Σσ² for SVD), each in (0, 1]."""
+    keep_fraction: list[float] = field(default_factory=list)
+    """Fractions of directions (eigen-pairs or singular directions) to keep, each in (0, 1]."""
+    ratio: list[float] = field(default_factory=list)
+    """BalancedSubnet: fractions of each layer's weights to prune, each in (0, 1)."""
+
+    def requests(self) -> list[EditRequest]:
+        return requests_for(
+            self.method, self.layers, energy=self.energy, keep_fraction=self.keep_fraction, ratio=self.ratio
+        )
+
+
+def _edit_flags(parser: LightningArgumentParser) -> None:
+    parser.add_argument(
+        "--factors",
+        type=str | None,
+        default=None,
+        help="KFACFactors file or *.index.json (default: the file the checkpoint records)",
+    )
+    parser.add_argument(
+        "--edits",
+        type=list[EditSpec],
+        default=[],
+        help="edits as a list (YAML): method, layers, energy / keep_fraction / ratio lists",
+    )
+    parser.add_argument(
+        "--method",
+        type=list[str],
+        default=[],
+        help="shorthand: these methods on --layers at the given strengths (one EditSpec each)",
+    )
+    parser.add_argument("--layers", type=list[str], default=[], help="layer patterns of the shorthand")
+    parser.add_argument("--energy", type=list[float], default=[], help="strengths of the shorthand")
+    parser.add_argument("--keep_fraction", type=list[float], default=[], help="strengths of the shorthand")
+    parser.add_argument("--ratio", type=list[float], default=[], help="BalancedSubnet strengths of the shorthand")
+    parser.add_argument("--bsn", type=BalancedSubnetSettings, default=BalancedSubnetSettings())
+    parser.add_argument("--evaluate", type=bool, default=True, help="score the unedited and the edited weights")
+    parser.add_argument("--save", type=bool, default=False, help="also write the edited checkpoints")
+    parser.add_argument(
+        "--output_dir", type=str | None, default=None, help="report folder (default: beside the checkpoint folder)"
+    )
+
+
+def _requests(config: Any) -> list[EditRequest]:
+    specs = list(config["edits"])
+    if config["method"]:
+        if not config["layers"]:
+            raise ValueError("--method needs --layers (the layer patterns to edit)")
+        for method in config["method"]:
+            strengths = (
+                {"ratio": config["ratio"]}
+                if method == "bsn"
+                else {"energy": config["energy"], "keep_fraction": config["keep_fraction"]}
+            )
+            specs.append(EditSpec(method, list(config["layers"]), **{k: list(v) for k, v in strengths.items()}))
+    elif config["layers"] or config["energy"] or config["keep_fraction"] or config["ratio"]:
+        raise ValueError("--layers/--energy/--keep_fraction/--ratio are the shorthand of --method: give --method too")
+    if not specs:
+        raise ValueError("nothing to edit: give --edits '[{method: kfac, layers: [...], energy: [0.6]}]' or --method")
+    requests = [request for spec in specs for request in spec.requests()]
+    tags = [request.tag for request in requests]
+    repeated = sorted({tag for tag in tags if tags.count(tag) > 1})
+    if repeated:
+        raise ValueError(f"the same edit is requested twice: {repeated}")
+    return requests
+
+
+def load_run_checkpoint(module: pl.LightningModule, datamodule: Any, ckpt_path: str | None) -> dict[str, Any]:
+    """Load ``ckpt_path`` into ``module`` (or take the weights the config builds), set the data up and check it
+    against the label noise the checkpoint recorded; returns the checkpoint dict."""
+    if ckpt_path is not None:
+        _check_ckpt(ckpt_path)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(checkpoint["state_dict"])
+    else:  # the weights the config builds (a pretrained hub model)
+        checkpoint = {"state_dict": module.state_dict()}
+    if datamodule is not None:
+        datamodule.setup("fit")
+        saved_noise = checkpoint.get(type(datamodule).__qualname__)
+        if saved_noise:
+            datamodule.load_state_dict(saved_noise)  # the noise of the run must match (clear error otherwise)
+    return checkpoint
+
+
+def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
+    """``memcurve prune`` / ``memcurve compare``: every requested edit of one checkpoint through the edit pipeline,
+    one report (``<name>.json/.csv/.md/.png`` and TensorBoard under ``--output_dir``)."""
+    cli = _run_cli(command, _edit_flags, argv)
+    config = cli.config_init
+    requests = _requests(config)
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is None and config["output_dir"] is None:
+        raise ValueError("without --ckpt_path (editing the config's model as built) give --output_dir")
+    _check_ckpt(ckpt_path)
+    if config["factors"] is not None and not Path(config["factors"]).is_file():
+        raise FileNotFoundError(f"--factors {config['factors']!r} does not exist")
+    name = {"prune": "pruning_report", "compare": "comparison"}[command]
+    source = Path(ckpt_path) if ckpt_path else Path(config["output_dir"]) / "model.ckpt"
+    output_dir = Path(config["output_dir"]) if config["output_dir"] else source.parent.parent / name
+    module, datamodule = cli.model, cli.datamodule
+    checkpoint = load_run_checkpoint(module, datamodule, ckpt_path)
+    factors = config["factors"] or checkpoint.get("kfac_factors", {}).get("path")
+    rows = edit_checkpoint(
+        checkpoint,
+        source,
+        requests,
+        module=module,
+        datamodule=datamodule,
+        factors=factors,
+        bsn=config["bsn"],
+        scorer=Scorer(module, datamodule) if config["evaluate"] else None,
+        save=config["save"],
+        output_folder=output_dir / "checkpoints" if config["save"] else None,
+    )
+    write_report(output_dir, rows, name, append=False)
+    table = report_markdown(rows, module)
+    atomic_write(output_dir / f"{name}.md", lambda tmp: tmp.write_text(table + "\n"))
+    writer = SummaryWriter(str(output_dir / "tensorboard"))
+    log_rows(writer, rows, prefix=command)
+    writer.add_text(f"{command}/table", table)
+    if config["evaluate"]:
+        figure = plot_rows(rows, module)
+        atomic_write(output_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+        writer.add_figure(f"{command}/figure", figure)
+    writer.close()
+    print(table)
+    print(f"memcurve {command}: report {output_dir / (name + '.csv')}, table {output_dir / (name + '.md')}")
+    return rows
+
+
+# -- the direct Hugging Face path --------------------------------------------------------------------------------
+def hf_factors(
+    model: str,
+    text: str,
+    layers: list[str],
+    output_dir: str,
+    settings: FactorSettings = DEFAULT_SETTINGS,
+    filename: str = "kfac.safetensors",
+    block_size: int = 512,
+    max_documents: int | None = None,
+    max_blocks: int | None = None,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    precision: str | None = None,
+) -> Path:
+    """K-FAC factors of a pretrained causal LM on plain text, with no Lightning config and no canaries.
+
+    Args:
+        model: a HF model folder (``save_pretrained``) or hub id; its tokenizer is used.
+        text: a ``.txt`` / ``.jsonl`` file, a folder of them, or ``hf:<dataset>[:<config>]``.
+        layers: patterns of the layers, named as in the LightningModule: ``model.<HF name>``
+            (e.g. ``model.model.layers.*.mlp.up_proj``).
+        output_dir: folder of the factor file (``memcurve edit`` reads it).
+        settings: the factor pass (:class:`~memcurve.curvature.settings.FactorSettings`).
+        filename: name of the factor file.
+        block_size: tokens per block (batches: ``settings.batch_size`` blocks, default 8); max_documents: read at most
+            this many documents; max_blocks: use a seeded random subset of at most this many blocks.
+        dtype: dtype the model is loaded in; revision, trust_remote_code: passed to ``from_pretrained``.
+        accelerator, devices, precision: of the Trainer that runs the pass.
+    """
+    module = CausalLMModule(model=model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    data = TextDataModule(
+        text=text,
+        tokenizer=model,
+        block_size=block_size,
+        batch_size=settings.batch_size or 8,
+        max_documents=max_documents,
+        max_blocks=max_blocks,
+    )
+    callback = KFACFactors(
+        layers, settings=settings, dataloader="train", when="validate", output_dir=output_dir, filename=filename
+    )
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+    )
+    trainer.validate(module, datamodule=data, verbose=False)
+    path = Path(callback.saved_paths[-1])
+    if trainer.is_global_zero:
+        print(f"memcurve factors: {path}")
+    return path
+
+
+def edit(
+    source: str,
+    output: str,
+    layers: list[str],
+    factors: str | None = None,
+    method: str = "kfac",
+    energy: float | None = None,
+    keep_fraction: float | None = None,
+    dtype: str = "auto",
+    prefix: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    max_shard_size: str = "5GB",
+    hf_output_dir: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Edit a HF model folder / hub id into a new ``save_pretrained`` folder (with its tokenizer and
+    ``memcurve_edit.json``), or a Lightning checkpoint (``*.ckpt``) into a new checkpoint; layer by layer.
+
+    Args:
+        source: a HF model folder or hub id, or a Lightning checkpoint file (never modified).
+        output: the new folder (HF) or checkpoint file; an existing one is refused unless ``overwrite``.
+        layers: patterns of the layers to edit (HF names or factor names).
+        factors: a KFACFactors file or ``*.index.json`` (not for ``method=svd``).
+        method: ``kfac``, ``kfac-separable`` or ``svd``.
+        energy, keep_fraction: exactly one: the fraction of Σκ (Σσ²) or of the directions kept.
+        dtype: dtype to load a HF model in (``auto``: the checkpoint's); prefix: factor name = prefix + HF name.
+        revision, trust_remote_code, max_shard_size: of ``from_pretrained`` / ``save_pretrained``.
+        hf_output_dir: for a checkpoint of a CausalLMModule, also save the edited model as a HF folder.
+        overwrite: replace an existing output.
+    """
+    common = {"energy": energy, "keep_fraction": keep_fraction, "method": method}
+    if Path(source).is_file():
+        record = edit_lightning_checkpoint(
+            source, factors, layers, output=output, hf_output_dir=hf_output_dir, overwrite=overwrite, **common
+        )
+    else:
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {tuple(DTYPES)}")
+        record = edit_hf_model(
+            source,
+            factors,
+            layers,
+            output_dir=output,
+            dtype=dtype,
+            prefix=prefix,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            **common,
+        )
+    fraction = record["kept_pairs"] / record["total_pairs"] if record["total_pairs"] else float("nan")
+    print(
+        f"memcurve edit: {method} on {len(record['layers'])} layers: kept {record['kept_pairs']:,} of "
+        f"{record['total_pairs']:,} directions ({fraction:.2%}) -> {output}"
+    )
+    return record
+
+
+def _function_command(command: str, function: Callable[..., Any], argv: Sequence[str]) -> Any:
+    parser = ArgumentParser(prog=f"memcurve {command}", description=function.__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(function)
+    config = parser.parse_args(list(argv))
+    values = parser.instantiate_classes(config).as_dict()
+    values.pop("config", None)
+    values = {k: v for k, v in values.items() if not k.startswith("__")}
+    return function(**values)
+
+
+def run_hf_factors(argv: Sequence[str]) -> Path:
+    return _function_command("factors", hf_factors, argv)
+
+
+def run_edit(argv: Sequence[str]) -> dict[str, Any]:
+    return _function_command("edit", edit, argv)
+
+
+# -- entry point --------------------------------------------------------------------------------------------------
+COMMANDS = {
+    "fit": "train a model (LightningCLI; any LightningModule/DataModule by class_path)",
+    "validate": "validate a checkpoint (LightningCLI)",
+    "test": "test a checkpoint (LightningCLI)",
+    "factors": "collect K-FAC factors of a run's checkpoint, or of a pretrained HF causal LM on text (--text)",
+    "probe": "band activations of memorized vs other examples in the K-FAC and SVD bases",
+    "prune": "sweep edits (methods x strengths x layer sets) of one checkpoint: report, table, figure",
+    "compare": "K-FAC, SVD and BalancedSubnet side by side on one checkpoint: one comparison table",
+    "edit": "edit a HF model folder or a Lightning checkpoint into a new one, layer by layer",
+}
+_RUNNERS: dict[str, Callable[[Sequence[str]], Any]] = {
+    "fit": lambda argv: run_trainer_command(["fit", *argv]),
+    "validate": lambda argv: run_trainer_command(["validate", *argv]),
+    "test": lambda argv: run_trainer_command(["test", *argv]),
+    "factors": run_factors,
+    "probe": run_probe,
+    "prune": lambda argv: run_edits("prune", argv),
+    "compare": lambda argv: run_edits("compare", argv),
+    "edit": run_edit,
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: memcurve <command> [--config FILE] [--print_config] [flags]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "memcurve <command> --help lists a command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script: ``memcurve <command> ...`` (``argv`` defaults to the command line)."""
+    run(sys.argv[1:] if argv is None else argv)
+
+
+def run(argv: Sequence[str]) -> Any:
+    """Run one command and return what it produced (the CLI object, the factor path, the report rows, ...)."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return None
+    command, rest = argv[0], argv[1:]
+    if command not in _RUNNERS:
+        print(f"memcurve: unknown command {command!r}; choose one of {tuple(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    return _RUNNERS[command](rest)
+
+
+def instantiate(config: str | Path) -> LightningCLI:
+    """The model, datamodule and Trainer of a run config (a source config or the ``config.yaml`` a run saved
+    beside its logs); nothing is run."""
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {str(config)!r} does not exist")
+    settings = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(settings, dict):
+        raise TypeError(f"--config {str(config)!r} is not a YAML mapping of LightningCLI settings")
+    return _run_cli("validate", lambda parser: None, ["--config", str(path)])
+
+
+if __name__ == "__main__":
+    main()

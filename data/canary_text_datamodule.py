@@ -226,6 +226,12 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         _check_fraction("val_fraction", val_fraction, low_open=False, high_open=True)
         check_positive_int("prefix_length", prefix_length)
         check_positive_int("suffix_length", suffix_length)
+        if block_size < 1 + prefix_length + suffix_length:  # the recall prompt starts with the EOS before a canary
+            raise ValueError(
+                f"block_size={block_size} is shorter than EOS + prefix_length + suffix_length = "
+                f"{1 + prefix_length + suffix_length}: no block could hold a whole canary, so recall could never be "
+                "learned; raise block_size or lower prefix_length/suffix_length"
+            )
         check_positive_int("batch_size", batch_size)
         check_positive_int("eval_batch_size", eval_batch_size)
         check_int("num_workers", num_workers, 0)

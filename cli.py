@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,12 +41,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from memcurve.callbacks import BandActivationProbe, KFACFactors
 from memcurve.callbacks.checkpoint_pruning import CheckpointPruning
+from memcurve.curvature.memory_plan import MemoryPlanError
 from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
 from memcurve.data.text_datamodule import TextDataModule
 from memcurve.editing import (
     BalancedSubnetSettings,
     EditRequest,
     EditRow,
+    OutputGuard,
     Scorer,
     edit_checkpoint,
     log_rows,
@@ -56,7 +59,7 @@ from memcurve.editing import (
 )
 from memcurve.editing.hf import DTYPES, edit_hf_model, edit_lightning_checkpoint
 from memcurve.lightning_modules import CausalLMModule
-from memcurve.utils.files import atomic_write
+from memcurve.utils.files import atomic_write, check_output_folder
 
 __all__ = ["COMMANDS", "EditSpec", "MemcurveCLI", "instantiate", "main", "run"]
 
@@ -139,6 +142,17 @@ class _RunCLI(_CommandCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="the run's checkpoint (never modified)")
         parser.add_argument("--weights_only", type=bool | None, default=None, help="(of a saved fit config; unused)")
         self._add_flags(parser)
+
+    def before_instantiate_classes(self) -> None:
+        # Cheap path checks before the model is built (a pretrained model may take minutes to load).
+        config = self.config
+        _check_ckpt(config.get("ckpt_path"))
+        factors = config.get("factors")
+        if isinstance(factors, str) and factors != "latest" and not Path(factors).is_file():
+            raise FileNotFoundError(f"--factors {factors!r} does not exist (a KFACFactors file or *.index.json)")
+        output_dir = config.get("output_dir")
+        if isinstance(output_dir, str) and Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise NotADirectoryError(f"--output_dir {output_dir!r} is a file; give a folder")
 
 
 def _run_cli(command: str, add_flags: Callable[[LightningArgumentParser], None], argv: Sequence[str]) -> _RunCLI:
@@ -271,6 +285,12 @@ def _edit_flags(parser: LightningArgumentParser) -> None:
     parser.add_argument(
         "--output_dir", type=str | None, default=None, help="report folder (default: beside the checkpoint folder)"
     )
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="replace an existing report (and edited checkpoints) in --output_dir; without it they are refused",
+    )
 
 
 def _requests(config: Any) -> list[EditRequest]:
@@ -316,7 +336,12 @@ def load_run_checkpoint(module: pl.LightningModule, datamodule: Any, ckpt_path: 
 
 def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
     """``memcurve prune`` / ``memcurve compare``: every requested edit of one checkpoint through the edit pipeline,
-    one report (``<name>.json/.csv/.md/.png`` and TensorBoard under ``--output_dir``)."""
+    one report (``<name>.json/.csv/.md/.png`` and TensorBoard under ``--output_dir``).
+
+    Refused before the checkpoint is loaded: an ``--output_dir`` that is a file or not writable, and one that
+    already holds a report (unless ``--overwrite true``, which also lets edited checkpoints be replaced). Scores:
+    the module's ``evaluation_metrics`` or, without one, its own validation loop on the DataModule's
+    ``val_dataloader`` (:mod:`memcurve.editing.scoring`)."""
     cli = _run_cli(command, _edit_flags, argv)
     config = cli.config_init
     requests = _requests(config)
@@ -329,6 +354,13 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
     name = {"prune": "pruning_report", "compare": "comparison"}[command]
     source = Path(ckpt_path) if ckpt_path else Path(config["output_dir"]) / "model.ckpt"
     output_dir = Path(config["output_dir"]) if config["output_dir"] else source.parent.parent / name
+    check_output_folder("--output_dir", output_dir)
+    report = output_dir / f"{name}.json"
+    if report.exists() and not config["overwrite"]:
+        raise FileExistsError(
+            f"--output_dir {str(output_dir)!r} already holds a report ({report.name}) that this run did not write; "
+            "choose another --output_dir or pass --overwrite true"
+        )
     module, datamodule = cli.model, cli.datamodule
     checkpoint = load_run_checkpoint(module, datamodule, ckpt_path)
     factors = config["factors"] or checkpoint.get("kfac_factors", {}).get("path")
@@ -340,9 +372,10 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
         datamodule=datamodule,
         factors=factors,
         bsn=config["bsn"],
-        scorer=Scorer(module, datamodule) if config["evaluate"] else None,
+        scorer=Scorer(module, datamodule, cli.trainer) if config["evaluate"] else None,
         save=config["save"],
         output_folder=output_dir / "checkpoints" if config["save"] else None,
+        guard=OutputGuard(overwrite=config["overwrite"]),
     )
     write_report(output_dir, rows, name, append=False)
     table = report_markdown(rows, module)
@@ -452,6 +485,9 @@ def edit(
         overwrite: replace an existing output.
     """
     common = {"energy": energy, "keep_fraction": keep_fraction, "method": method}
+    looks_local = source.endswith(".ckpt") or source.startswith((".", "/", "~")) or Path(source).suffix != ""
+    if looks_local and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"--source {source!r} does not exist (a HF model folder or hub id, or a .ckpt file)")
     if Path(source).is_file():
         record = edit_lightning_checkpoint(
             source, factors, layers, output=output, hf_output_dir=hf_output_dir, overwrite=overwrite, **common
@@ -526,13 +562,37 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: memcurve <command> [--config FILE] [--print_config] [flags]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    lines += ["", "memcurve <command> --help lists a command's flags."]
+    lines += ["", "memcurve <command> --help lists a command's flags; --debug shows the traceback of an error."]
     return "\n".join(lines)
+
+
+# What a user can cause and fix: printed as one line (``--debug`` or MEMCURVE_DEBUG=1 show the traceback). Any
+# other exception is memcurve's own fault and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    MemoryPlanError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script: ``memcurve <command> ...`` (``argv`` defaults to the command line)."""
-    run(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MEMCURVE_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        run(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the exception's formatting
+        print(f"memcurve {argv[0] if argv else ''}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(argv: Sequence[str]) -> Any:

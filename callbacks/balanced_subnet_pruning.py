@@ -34,7 +34,8 @@ __all__ = ["BalancedSubnetPruning"]
 
 
 class BalancedSubnetPruning(CheckpointPruning):
-    """Learn a BalancedSubnet mask at checkpoint time (the live model and the original file stay untouched).
+    """Learn a BalancedSubnet mask in a copy of the fit-end (or every) checkpoint; the live model and the original
+    stay untouched.
 
     Args:
         layers: module-name patterns of the linear layers to mask (the paper: the MLP matrices).
@@ -50,7 +51,7 @@ class BalancedSubnetPruning(CheckpointPruning):
         layers: list[str],
         ratio: float | list[float] = 0.0015,
         settings: BalancedSubnetSettings | None = None,
-        when: str = "checkpoint",
+        when: str = "fit_end",
         evaluate: bool = True,
         output_dir: str | None = None,
         save_pruned: bool = True,

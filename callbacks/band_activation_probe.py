@@ -13,10 +13,12 @@ than the plain weight spectrum.
 
 Groups (classification, :class:`ClassificationProbeAdapter`): ``noised`` (training examples with a
 corrupted label — the memorized ones), ``clean`` (the other training examples), both from the unaugmented
-``memorization_dataloader()``, and ``val`` (``val_dataloader()``). Other models plug in a
-:class:`ProbeAdapter` — passed as ``adapter=`` or returned by the LightningModule's ``probe_adapter()`` —
-that names the passes, runs the model on a batch and sorts its examples into groups (an LM adapter would
-give ``memorized``/``non_memorized`` from a user-given split or the LM evaluation, and a padding mask).
+``memorization_dataloader()``, and ``val`` (``val_dataloader()``). Any other LightningModule gets
+:class:`~memcurve.adapters.AutoProbeAdapter`: ``train`` (the run's training examples, in order) and ``val``,
+from the run's own loaders (a DataModule, loaders passed to ``fit`` / ``validate``, or the module's hooks), with
+the batch layout inferred. Other groupings plug in a :class:`ProbeAdapter` — passed as ``adapter=`` or returned
+by the LightningModule's ``probe_adapter()`` — that names the passes, runs the model on a batch and sorts its
+examples into groups (the canary LM's gives ``memorized``/``control``/``val`` and a padding mask).
 
 Outputs (global rank zero writes, default folder ``<log_dir>/probe/``):
 
@@ -63,9 +65,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from memcurve.adapters import ClassificationProbeAdapter, ProbeAdapter
+from memcurve.adapters import (
+    AutoProbeAdapter,
+    ClassificationProbeAdapter,
+    ProbeAdapter,
+    dataloader_origin,
+    default_probe_adapter,
+    find_dataloader,
+    sample_batch,
+)
 from memcurve.callbacks.kfac_factors import KFACFactors
-from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
+from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis, check_name_template
 from memcurve.curvature import (
     POSITIONS,
     LayerEigen,
@@ -208,10 +218,13 @@ class BandActivationProbe(ScheduledAnalysis):
             (mean ``(vᵀx)²``); the CSV always holds both.
         svd_baseline: also report bands in the SVD basis of the layer's current weight.
         dtype: precision of the projections (``float32``; ``float64`` for exactness on small models).
-        output_dir: folder of the CSV and PNG (default ``<log_dir>/probe``).
+        output_dir: folder of the CSV and PNG (default ``<log_dir>/probe``); checked in ``setup``.
         filename: file stem, may use ``{epoch}`` and ``{step}`` (defaults per ``when``).
-        adapter: a :class:`ProbeAdapter` (default: the LightningModule's ``probe_adapter()`` if it has
-            one, else :class:`ClassificationProbeAdapter`).
+        adapter: a :class:`ProbeAdapter` (default: the LightningModule's ``probe_adapter()`` if it has one,
+            :class:`ClassificationProbeAdapter` for memcurve's noisy-label data, else
+            :class:`~memcurve.adapters.AutoProbeAdapter`: groups ``train`` / ``val``).
+        overwrite: replace an existing CSV/PNG this callback did not write (another run's); by default refused
+            in ``setup`` (a resumed run may rewrite the files of the run it resumes).
     """
 
     def __init__(
@@ -230,6 +243,7 @@ class BandActivationProbe(ScheduledAnalysis):
         output_dir: str | None = None,
         filename: str | None = None,
         adapter: ProbeAdapter | None = None,
+        overwrite: bool = False,
     ) -> None:
         if not isinstance(factors, (str, Path)) or not str(factors):
             raise ValueError(f"factors={factors!r} must be a factor file path or 'latest'")
@@ -245,6 +259,10 @@ class BandActivationProbe(ScheduledAnalysis):
         check_choice("position", position, (None, *POSITIONS))
         check_choice("statistic", statistic, STATISTICS)
         check_choice("dtype", dtype, tuple(DTYPES))
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite={overwrite!r} must be True or False")
+        if filename is not None:
+            check_name_template("filename", filename)
         if adapter is not None:
             if not isinstance(adapter, ProbeAdapter):
                 raise TypeError(f"adapter must be a memcurve ProbeAdapter, not {type(adapter).__name__}")
@@ -263,6 +281,7 @@ class BandActivationProbe(ScheduledAnalysis):
         self.output_dir = output_dir
         self.filename = filename or DEFAULT_STEMS[when]
         self.adapter = adapter
+        self.overwrite = overwrite
         self.layer_names: list[str] = []
         self.saved_paths: list[str] = []
         self.last_results: list[dict[str, Any]] = []
@@ -280,14 +299,20 @@ class BandActivationProbe(ScheduledAnalysis):
                 f"choose from {adapter.groups}"
             )
 
-    # -- eager checks against the model and the other callbacks ---------------------------------------
+    default_subdir = "probe"
+
+    def output_names(self) -> list[str]:
+        return [f"{self.filename}.csv", f"{self.filename}.png"]
+
+    # -- eager checks against the model, the data, the other callbacks and the file system -------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.adapter is None:
-            make_adapter = getattr(pl_module, "probe_adapter", None)
-            self.adapter = make_adapter() if callable(make_adapter) else ClassificationProbeAdapter()
+            self.adapter = default_probe_adapter(pl_module, trainer)
         self._check_groups(self.groups, self.adapter)
         if self.groups is None:
             self.groups = list(self.adapter.groups)
+        self.check_outputs_at_setup(trainer, stage)
+        self.check_data(trainer)
         if self.layers is not None:
             self.layer_names = select_linear_layers(pl_module, self.layers, on_non_linear="skip")
         if self.factors == "latest":
@@ -298,6 +323,21 @@ class BandActivationProbe(ScheduledAnalysis):
             stored = load_factors(self.factors, pl_module)  # refuses factors of another model
             self._check_layers_covered(list(stored.layers), f"the factor file {self.factors}")
         rank_zero_info(f"memcurve: band probe ({self.when}) of {self.layer_names or 'every factor layer'}")
+
+    def check_data(self, trainer: pl.Trainer) -> None:
+        """For :class:`~memcurve.adapters.AutoProbeAdapter`: the run has the data of every group, and one example's
+        layout is readable (a loader the module's own hook would build is checked on its first batch instead)."""
+        if not isinstance(self.adapter, AutoProbeAdapter):
+            return
+        who = f"BandActivationProbe(groups={self.groups!r})"
+        for split in (g for g in self.adapter.groups if g in self.groups):
+            origin = dataloader_origin(trainer, split)
+            if origin is None:
+                find_dataloader(trainer, split, who)  # raises the one-line error naming the fixes
+            elif origin != "module":
+                batch = sample_batch(find_dataloader(trainer, split, who))
+                if batch is not None:
+                    self.adapter.check_batch(batch)
 
     def _check_layers_covered(self, available: Sequence[str], where: str) -> None:
         missing = [name for name in self.layer_names if name not in available]
@@ -349,11 +389,8 @@ class BandActivationProbe(ScheduledAnalysis):
         return path
 
     def output_paths(self, trainer: pl.Trainer) -> tuple[Path, Path]:
-        folder = (
-            Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or trainer.default_root_dir) / "probe"
-        )
-        stem = self.filename.format(epoch=trainer.current_epoch, step=trainer.global_step)
-        return folder / f"{stem}.csv", folder / f"{stem}.png"
+        csv_path, png_path = self.output_files(trainer)
+        return csv_path, png_path
 
     def limit(self, loader: DataLoader, trainer: pl.Trainer) -> DataLoader:
         """``loader`` cut to its first ``max_samples`` examples (re-sharded across ranks without padding)."""
@@ -433,6 +470,7 @@ class BandActivationProbe(ScheduledAnalysis):
         """Run the probe on every rank; global rank zero writes CSV, figure and scalars. Returns their paths."""
         if self.adapter is None or self.groups is None:
             self.setup(trainer, pl_module, "fit")
+        self.claim_outputs(trainer)  # refuses another run's CSV/PNG before the work, not after
         path = self.factor_path(trainer)
         self._active_position = self.prepare_layers(pl_module, path)
         names = list(self._layers)
@@ -481,6 +519,7 @@ class BandActivationProbe(ScheduledAnalysis):
         if trainer.is_global_zero:
             self.write(trainer, rows, csv_path, png_path, path)
             self.saved_paths.append(str(csv_path))
+            self.record_written(csv_path, png_path)
         trainer.strategy.barrier("band_activation_probe")
         return csv_path, png_path, path
 

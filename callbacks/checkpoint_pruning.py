@@ -1,32 +1,51 @@
 """CheckpointPruning: the base of the pruning callbacks (KFACPruning, SVDPruning, BalancedSubnetPruning).
 
 A pruning callback never touches the live model or the original checkpoint file. When a checkpoint has been
-written (every save with ``when="checkpoint"``; one ``fit-end.ckpt`` with ``when="fit_end"``) it hands the
-checkpoint to the one edit pipeline (:func:`memcurve.editing.edit_checkpoint`): edited copies go to
-``<checkpoint dir>/edited/<name>-<tag>.ckpt`` (outside the folder Lightning searches for ``last``/``best``), the
-original and the edited weights are scored with the module's ``evaluation_metrics`` (``evaluate``), rows are appended
-to ``pruning_report.json`` / ``.csv`` and logged to TensorBoard under
-``prune/<method>/<kind>/L<layer set>/<metric>``.
+written (``when="fit_end"``, the default: one ``fit-end.ckpt`` at the end of ``fit``; ``when="checkpoint"``: every
+file the Trainer writes) it hands the checkpoint to the one edit pipeline
+(:func:`memcurve.editing.edit_checkpoint`):
+
+* edited copies go to ``<checkpoint dir>/edited/<name>-<tag>.ckpt``, outside the folder Lightning searches for
+  ``last`` / ``best`` (``ckpt_path="last"`` always resumes from the original), named losslessly per method,
+  strength and layer set; an existing file there is replaced only if this run wrote it or it is an edited copy of
+  the same source (Lightning rewrites ``last.ckpt``); when Lightning removes a checkpoint (``ModelCheckpoint``'s
+  ``save_top_k`` rotation) its edited copies are removed with it; ``fit-end.ckpt`` never replaces an existing file
+  (``fit-end-v1.ckpt``, … as Lightning names versions);
+* the original and the edited weights are scored (``evaluate``, see :mod:`memcurve.editing.scoring`: the module's
+  ``evaluation_metrics`` when it has one, else its own validation loop on a copy);
+* rows are appended to ``<output_dir>/pruning_report.json`` / ``.csv`` and logged to TensorBoard under
+  ``prune/<method>/<kind>/L<layer set>/<metric>`` at step = strength in parts per million (the exact value under
+  ``…/strength``; with ``when="checkpoint"`` each checkpoint adds its points to the same curves).
+
+Everything that can be checked is checked in ``setup``, before any training step: the layers, that the module can
+be scored, the report folder (``output_dir``) and the edited-copies folder (not a file, writable, disk not full),
+that the strategy writes checkpoints through its ``CheckpointIO`` (:func:`check_checkpoint_strategy`: FSDP needs
+``state_dict_type="full"``), and, for K-FAC, the factors (:class:`~memcurve.callbacks.KFACPruning`).
 
 The hook point is the strategy's ``CheckpointIO``: the callback wraps it so it learns the path of every file the
-Trainer writes, on global rank zero, right after the write. Evaluation then runs on rank zero over the whole
-(unsharded) data, so a DDP run reports the same figures as one process.
+Trainer writes or removes, on global rank zero, right after the write. Scoring then runs on rank zero over the whole
+(unsharded) data, so a DDP run reports the same figures as one process. The rows and the files written survive a
+resumed run (``state_dict``, stable ``state_key``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from memcurve.curvature.tracker import select_linear_layers
 from memcurve.editing import (
     EDIT_KEY,
+    EDITED_FOLDER,
     BalancedSubnetSettings,
     EditRequest,
     EditRow,
@@ -35,28 +54,84 @@ from memcurve.editing import (
     check_scorable,
     edit_checkpoint,
     log_rows,
+    read_report,
     write_report,
 )
+from memcurve.editing.outputs import edited_checkpoint_path, remove_edited_copies
 from memcurve.editing.pipeline import FactorSource
 from memcurve.editing.request import layer_patterns
 from memcurve.utils.arguments import check_choice
+from memcurve.utils.files import check_output_folder
 
-__all__ = ["WHEN", "CheckpointPruning"]
+__all__ = ["FIT_END_NAME", "REPORT_NAME", "WHEN", "CheckpointPruning", "check_checkpoint_strategy"]
 
-WHEN = ("checkpoint", "fit_end")
+WHEN = ("fit_end", "checkpoint")
 REPORT_NAME = "pruning_report"
+FIT_END_NAME = "fit-end"
+
+
+def check_checkpoint_strategy(strategy: Strategy) -> None:
+    """Refuse a strategy that writes checkpoints without its ``CheckpointIO`` (where the pruning callbacks learn of
+    each file): nothing would ever be pruned. FSDP with ``state_dict_type="sharded"``, ModelParallel with
+    ``save_distributed_checkpoint=True``, DeepSpeed."""
+    name = type(strategy).__name__
+    later = "or prune a consolidated checkpoint afterwards with `memcurve prune`"
+    if isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", "full") != "full":
+        raise ValueError(
+            f"strategy={name}(state_dict_type={strategy._state_dict_type!r}) writes sharded checkpoints without the "
+            "CheckpointIO the pruning callbacks listen to, so nothing would be pruned; use "
+            "FSDPStrategy(state_dict_type='full') (YAML: trainer.strategy.init_args.state_dict_type: full), " + later
+        )
+    if isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_save_distributed_checkpoint", False):
+        raise ValueError(
+            f"strategy={name}(save_distributed_checkpoint=True) writes distributed checkpoints without the "
+            "CheckpointIO the pruning callbacks listen to; pass save_distributed_checkpoint=False, " + later
+        )
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise ValueError(  # noqa: TRY004 - a value of the strategy argument, as the two above
+            f"strategy={name} writes checkpoints through DeepSpeed, not the CheckpointIO the pruning callbacks listen "
+            "to; use DDP or FSDPStrategy(state_dict_type='full'), " + later
+        )
+
+
+def _free_name(folder: Path) -> Path:
+    """``<folder>/fit-end.ckpt``, or the first free ``fit-end-v<n>.ckpt`` (Lightning's way of versioning names)."""
+    path, version = folder / f"{FIT_END_NAME}.ckpt", 0
+    while path.exists():
+        version += 1
+        path = folder / f"{FIT_END_NAME}-v{version}.ckpt"
+    return path
+
+
+def _on_rank_zero(trainer: pl.Trainer, check: Callable[[], None]) -> None:
+    """Run a file-system ``check`` on global rank zero (the writer) and raise its error on every rank together."""
+    failure = None
+    if trainer.is_global_zero:
+        try:
+            check()
+        except (ValueError, OSError) as error:
+            failure = (isinstance(error, FileExistsError), str(error))
+    failure = trainer.strategy.broadcast(failure, src=0)
+    if failure is not None:
+        exists, message = failure
+        raise (FileExistsError if exists else ValueError)(message)
 
 
 class _NotifyingCheckpointIO(CheckpointIO):
-    """Delegates to the strategy's CheckpointIO and tells the pruning callbacks where each checkpoint went."""
+    """Delegates to the strategy's CheckpointIO and tells the pruning callbacks what was written or removed.
+
+    ``fit_end_saved`` (every rank) / ``fit_end`` (global rank zero: the checkpoint dict and path): the fit-end
+    checkpoint of this fit, written once and shared by every ``when="fit_end"`` pruning callback."""
 
     def __init__(self, inner: CheckpointIO) -> None:
         self.inner = inner
         self.listeners: list[CheckpointPruning] = []
+        self.fit_end_saved = False
+        self.fit_end: tuple[dict[str, Any], Path] | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        for listener in self.listeners:
+        for listener in list(self.listeners):
             listener.on_checkpoint_written(checkpoint, Path(path))
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None):
@@ -64,6 +139,8 @@ class _NotifyingCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path) -> None:
         self.inner.remove_checkpoint(path)
+        for listener in list(self.listeners):
+            listener.on_checkpoint_removed(Path(path))
 
     def teardown(self) -> None:
         self.inner.teardown()
@@ -74,8 +151,11 @@ class CheckpointPruning(pl.Callback):
 
     Args:
         layers: module-name patterns (globs or ``re:<regex>``) of the linear layers to edit.
-        when: ``checkpoint`` (after every checkpoint the Trainer writes) or ``fit_end`` (one ``fit-end.ckpt``).
-        evaluate: score the original and the edited weights with the module's ``evaluation_metrics``.
+        when: ``fit_end`` (one ``fit-end.ckpt`` at the end of fit, after every callback before this one — e.g. a
+            ``KFACFactors`` — has run its own ``on_fit_end``) or ``checkpoint`` (after every checkpoint the Trainer
+            writes).
+        evaluate: score the original and the edited weights (:class:`~memcurve.editing.Scorer`: the module's
+            ``evaluation_metrics``, else its own validation loop on a copy).
         output_dir: folder of the report (default ``<log_dir>/pruning``).
         save_pruned: write the edited checkpoints (False: report only).
     """
@@ -85,7 +165,7 @@ class CheckpointPruning(pl.Callback):
     def __init__(
         self,
         layers: list[str],
-        when: str = "checkpoint",
+        when: str = "fit_end",
         evaluate: bool = True,
         output_dir: str | None = None,
         save_pruned: bool = True,
@@ -98,9 +178,10 @@ class CheckpointPruning(pl.Callback):
         self.save_pruned = save_pruned
         self.rows: list[EditRow] = []
         self.layer_names: list[str] = []
-        self.guard = OutputGuard()
+        self.guard = OutputGuard(follow_sources=True)
         self._trainer: pl.Trainer | None = None
         self._armed = when == "checkpoint"
+        self._resolved: dict[str, Path] = {}
 
     @property
     def method(self) -> str:
@@ -114,11 +195,67 @@ class CheckpointPruning(pl.Callback):
     def bsn_settings(self) -> BalancedSubnetSettings | None:
         return None
 
+    def check_factors(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Setup-time checks of what the method reads (K-FAC: the factor file or the KFACFactors callback)."""
+
+    # -- where files go --------------------------------------------------------------------------------
+    # ``trainer.log_dir`` is a collective under DDP: every rank resolves these in ``setup``, rank zero reuses them.
+    def report_folder(self, trainer: pl.Trainer) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return self._resolved.get("report") or Path(trainer.log_dir or trainer.default_root_dir) / "pruning"
+
+    def fit_end_folder(self, trainer: pl.Trainer) -> Path:
+        return self._resolved.get("fit_end") or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    def edited_folders(self, trainer: pl.Trainer) -> list[Path]:
+        """The folders edited copies will go to, as far as known before the run."""
+        sources = [self.fit_end_folder(trainer)]
+        if self.when == "checkpoint":
+            sources += [Path(c.dirpath) for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        return list(dict.fromkeys(folder / EDITED_FOLDER for folder in sources))
+
+    def fit_end_path(self, trainer: pl.Trainer) -> Path:
+        """``fit-end.ckpt`` in the checkpoint folder, or ``fit-end-v1.ckpt``, … if taken (decided on rank zero)."""
+        return Path(trainer.strategy.broadcast(str(_free_name(self.fit_end_folder(trainer)))))
+
+    def check_outputs(self, trainer: pl.Trainer) -> None:
+        """The report folder (and an existing report in it), the edited copies' folders and, at fit end, the edited
+        copies' paths: refused now rather than after training (checked on global rank zero, raised on every rank)."""
+        self._resolved = {}  # on every rank (log_dir broadcasts), kept for the hooks that run on rank zero only
+        report, fit_end_folder = self.report_folder(trainer), self.fit_end_folder(trainer)
+        self._resolved = {"report": report, "fit_end": fit_end_folder}
+        edited = self.edited_folders(trainer)
+
+        def check() -> None:
+            check_output_folder("output_dir", report)
+            try:  # an existing report is extended: it must be one
+                read_report(report, REPORT_NAME)
+            except (ValueError, TypeError) as error:
+                raise ValueError(
+                    f"output_dir={str(report)!r} holds {REPORT_NAME}.json that is not a pruning report ({error}); "
+                    "choose another output_dir"
+                ) from None
+            if not self.save_pruned:
+                return
+            for folder in edited:
+                check_output_folder("save_pruned (the edited copies' folder)", folder)
+            if self.when == "fit_end":
+                source = _free_name(fit_end_folder)
+                for request in self.requests:
+                    path = edited_checkpoint_path(source, request)
+                    self.guard.check(path, "save_pruned (an edited copy)", source=source)
+
+        _on_rank_zero(trainer, check)
+
     # -- hooks -----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_checkpoint_strategy(trainer.strategy)
         self.layer_names = select_linear_layers(pl_module, self.layers)
         if self.evaluate:
-            check_scorable(pl_module)
+            check_scorable(pl_module, trainer=trainer, datamodule=trainer.datamodule)
+        self.check_factors(trainer, pl_module)
+        self.check_outputs(trainer)
         self._trainer = trainer
         checkpoint_io = trainer.strategy.checkpoint_io
         if not isinstance(checkpoint_io, _NotifyingCheckpointIO):
@@ -126,26 +263,51 @@ class CheckpointPruning(pl.Callback):
             trainer.strategy.checkpoint_io = checkpoint_io
         if self not in checkpoint_io.listeners:
             checkpoint_io.listeners.append(self)
+        if stage == "fit":
+            checkpoint_io.fit_end_saved, checkpoint_io.fit_end = False, None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "fit_end":
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        checkpoint_io = trainer.strategy.checkpoint_io
+        shared = isinstance(checkpoint_io, _NotifyingCheckpointIO)
+        if shared and checkpoint_io.fit_end_saved:  # an earlier pruning callback wrote this fit's fit-end checkpoint
+            if checkpoint_io.fit_end is not None:
+                self.prune(*checkpoint_io.fit_end)
+            return
         self._armed = True
         try:
-            trainer.save_checkpoint(folder / "fit-end.ckpt")
+            trainer.save_checkpoint(self.fit_end_path(trainer))
         finally:
             self._armed = False
+        if shared:
+            checkpoint_io.fit_end_saved = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         checkpoint_io = trainer.strategy.checkpoint_io
-        if isinstance(checkpoint_io, _NotifyingCheckpointIO) and self in checkpoint_io.listeners:
-            checkpoint_io.listeners.remove(self)
+        if isinstance(checkpoint_io, _NotifyingCheckpointIO):
+            checkpoint_io.fit_end = None  # the dict holds the weights: let it go
+            if self in checkpoint_io.listeners:
+                checkpoint_io.listeners.remove(self)
 
-    # -- the work (global rank zero, after a checkpoint file was written) ------------------------------------
+    # -- the work (global rank zero, after a checkpoint file was written or removed) --------------------------
     def on_checkpoint_written(self, checkpoint: dict[str, Any], path: Path) -> None:
         if not self._armed or checkpoint.get(EDIT_KEY) is not None:
             return
+        if self.when == "fit_end":
+            checkpoint_io = self._trainer.strategy.checkpoint_io if self._trainer is not None else None
+            if isinstance(checkpoint_io, _NotifyingCheckpointIO):
+                checkpoint_io.fit_end = (checkpoint, path)
+        self.prune(checkpoint, path)
+
+    def on_checkpoint_removed(self, path: Path) -> None:
+        """Lightning removed ``path`` (e.g. ``ModelCheckpoint`` rotation): its edited copies go with it."""
+        if self.save_pruned:
+            for removed in remove_edited_copies(path, self.requests):
+                self.guard.created.discard(removed.resolve())
+                rank_zero_info(f"memcurve: removed {removed} with its source {path}")
+
+    def prune(self, checkpoint: dict[str, Any], path: Path) -> list[EditRow]:
         trainer = self._trainer
         module = trainer.lightning_module
         rows = edit_checkpoint(
@@ -156,24 +318,28 @@ class CheckpointPruning(pl.Callback):
             datamodule=trainer.datamodule,
             factors=self.factors_for(checkpoint),
             bsn=self.bsn_settings(),
-            scorer=Scorer(module, trainer.datamodule) if self.evaluate else None,
+            scorer=Scorer(module, trainer.datamodule, trainer) if self.evaluate else None,
             save=self.save_pruned,
             guard=self.guard,
             log=rank_zero_info,
         )
         self.rows.extend(rows)
-        folder = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "pruning"
-        write_report(folder, rows, REPORT_NAME)
+        write_report(self.report_folder(trainer), rows, REPORT_NAME)
         if isinstance(trainer.logger, TensorBoardLogger):
             log_rows(trainer.logger.experiment, rows)
+        return rows
 
+    # -- state (survives ckpt_path= resume) ----------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        # Several pruning callbacks (methods, layer sets) may share a Trainer: each keeps its own state.
+        # Several pruning callbacks (methods, layer sets) may share a Trainer: each keeps its own state. The key
+        # depends on the requests only, so the same callback in a resumed run finds its state.
         return self._generate_state_key(requests=[request.tag for request in self.requests])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": [asdict(row) for row in self.rows]}
+        return {"rows": [asdict(row) for row in self.rows], "written": sorted(str(p) for p in self.guard.created)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [EditRow(**row) for row in state_dict.get("rows", [])]
+        for path in state_dict.get("written", []):
+            self.guard.record(path)

@@ -20,11 +20,18 @@ validated once, shared with ``collect_factors`` and the command line); the callb
 which layers, from which loader, when, and where the file goes. On a checkpoint from any earlier run, drive it
 with ``trainer.validate(model, datamodule=..., ckpt_path=...)`` and ``when="validate"`` (``memcurve factors``
 does that from a config).
+
+Any LightningModule works with the defaults: the data are the run's own loaders, taken from the trainer (a
+DataModule, loaders passed to ``trainer.fit(model, train, val)`` / ``trainer.validate(model, loaders)``, or the
+module's hooks), and batches and outputs are read by :class:`~memcurve.adapters.AutoFisherAdapter` (tuples, lists,
+dicts with ``image``/``pixel_values``/``input_ids``/... keys; tensors or ``ModelOutput.logits``); ``setup`` checks
+one example's layout, the output folder and that no file of another run would be overwritten (``overwrite``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import sys
 import time
@@ -38,7 +45,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 try:  # POSIX only; elsewhere the peak memory of a CPU pass is reported as unavailable
@@ -46,8 +53,16 @@ try:  # POSIX only; elsewhere the peak memory of a CPU pass is reported as unava
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-from memcurve.adapters import ClassificationAdapter, FisherAdapter
-from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis
+from memcurve.adapters import (
+    AutoFisherAdapter,
+    FisherAdapter,
+    dataloader_origin,
+    default_fisher_adapter,
+    find_dataloader,
+    sample_batch,
+    sequential_loader,
+)
+from memcurve.callbacks.scheduled_analysis import WHEN, ScheduledAnalysis, check_name_template
 from memcurve.curvature import (
     LayerEigen,
     LayerFactors,
@@ -64,10 +79,9 @@ from memcurve.curvature.layers import layer_dims
 from memcurve.curvature.memory_plan import MemoryPlan, format_bytes, plan_memory
 from memcurve.curvature.owners import assign_owners, reduce_to_owners
 from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
-from memcurve.curvature.sharded_storage import save_sharded_factors
+from memcurve.curvature.sharded_storage import INDEX_SUFFIX, save_sharded_factors, shard_name
 from memcurve.utils.arguments import check_choice, check_positive_int
 from memcurve.utils.distributed import comm_device, is_distributed
-from memcurve.utils.sampling import unpadded_shard_sampler
 
 __all__ = ["KFACFactors", "effective_rank"]
 
@@ -99,18 +113,22 @@ class KFACFactors(ScheduledAnalysis):
         settings: everything about the pass — mode, Fisher type and draws, positions, bias, dtype, seed, how
             much data, storage and memory options — as one :class:`~memcurve.curvature.FactorSettings` (default:
             its defaults). In a config: ``settings: {position: cls, fisher: sampled, mc_samples: 4}``.
-        dataloader: ``train`` (unaugmented training data: the datamodule's ``memorization_dataloader`` when it
-            has one, else ``train_dataloader``), ``val``, or a callable ``trainer -> DataLoader``.
+        dataloader: ``train`` (the run's training data: a datamodule's unaugmented ``memorization_dataloader`` when
+            it has one, else the training loader of the run, see :func:`~memcurve.adapters.find_dataloader`),
+            ``val`` (its validation loader), or a callable ``trainer -> DataLoader``. Read in order, as unpadded
+            shards under DDP.
         when: ``fit_end``, ``every_n_epochs``, ``checkpoint`` (each checkpoint save; the file is recorded in
             the checkpoint under ``"kfac_factors"``) or ``validate`` (end of ``trainer.validate``).
         every_n_epochs: period for ``when="every_n_epochs"``.
-        output_dir: folder of the factor files (default: ``<log_dir>/kfac``).
+        output_dir: folder of the factor files (default: ``<log_dir>/kfac``); checked in ``setup``.
         filename: file name, may use ``{epoch}`` and ``{step}`` (defaults per ``when``); with
             ``settings.sharded`` the index is ``<filename stem>.index.json`` (recorded in ``saved_paths``).
         adapter: how logits/labels/indices/masks come out of a batch (default: the LightningModule's
-            ``fisher_adapter()`` if it has one, else :class:`ClassificationAdapter`); it also decides
-            ``settings.drop_last_position=None``.
+            ``fisher_adapter()`` if it has one, else :class:`~memcurve.adapters.AutoFisherAdapter`, which infers
+            them); it also decides ``settings.drop_last_position=None``.
         log_spectra: log eigenvalue histograms, effective ranks and energy concentration to TensorBoard.
+        overwrite: replace existing files this callback did not write (another run's); by default they are
+            refused in ``setup`` (a resumed run may rewrite the files of the run it resumes).
     """
 
     def __init__(
@@ -124,6 +142,7 @@ class KFACFactors(ScheduledAnalysis):
         filename: str | None = None,
         adapter: FisherAdapter | None = None,
         log_spectra: bool = True,
+        overwrite: bool = False,
     ) -> None:
         compile_layer_patterns(layers)
         if not isinstance(settings, FactorSettings):
@@ -137,6 +156,10 @@ class KFACFactors(ScheduledAnalysis):
         check_positive_int("every_n_epochs", every_n_epochs, allow_none=False)
         if adapter is not None and not isinstance(adapter, FisherAdapter):
             raise TypeError(f"adapter must be a memcurve.curvature.FisherAdapter, not {type(adapter).__name__}")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite={overwrite!r} must be True or False")
+        if filename is not None:
+            check_name_template("filename", filename)
         if settings.sharded and not (filename or DEFAULT_FILENAMES[when]).endswith(".safetensors"):
             raise ValueError(
                 f"filename={filename!r}: sharded=True needs a '<stem>.safetensors' name (the index is "
@@ -151,6 +174,7 @@ class KFACFactors(ScheduledAnalysis):
         self.filename = filename or DEFAULT_FILENAMES[when]
         self.adapter = adapter
         self.log_spectra = log_spectra
+        self.overwrite = overwrite
         self.layer_names: list[str] = []
         self.saved_paths: list[str] = []
         self.last_throughput: dict[str, float] = {}
@@ -159,14 +183,16 @@ class KFACFactors(ScheduledAnalysis):
         self._fingerprint: str | None = None
         self._dims: dict[str, tuple[int, int]] = {}
 
-    # -- eager checks against the model ----------------------------------------------------------------
+    default_subdir = "kfac"
+
+    # -- eager checks against the model, the data and the file system --------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         settings = self.settings
         self.layer_names = select_linear_layers(pl_module, self.layers, settings.on_non_linear)
         if self.adapter is None:
-            make_adapter = getattr(pl_module, "fisher_adapter", None)
-            self.adapter = make_adapter() if callable(make_adapter) else ClassificationAdapter()
+            self.adapter = default_fisher_adapter(pl_module)
         self.pass_settings = settings.resolve(self.adapter)
+        self.check_outputs_at_setup(trainer, stage)
         if _is_fsdp(trainer) and not settings.sharded:
             raise ValueError(
                 f"{type(trainer.strategy).__name__}: KFACFactors under FSDP needs settings.sharded=True (parameters "
@@ -188,6 +214,24 @@ class KFACFactors(ScheduledAnalysis):
         )
         rank_zero_info("memcurve: " + self.memory_plan.table())
         self.memory_plan.check(settings.memory_budget_gb)
+        self.check_data(trainer)
+
+    def check_data(self, trainer: pl.Trainer) -> None:
+        """The run has the data the pass reads, and (for the inferred adapter) one example's layout is readable.
+
+        A loader the module's own hook would build is not built here (the module is not set up yet): its layout
+        is checked on the first batch of the pass."""
+        if callable(self.dataloader):
+            return
+        who = f"KFACFactors(dataloader={self.dataloader!r})"
+        origin = dataloader_origin(trainer, self.dataloader)
+        if origin is None:
+            find_dataloader(trainer, self.dataloader, who)  # raises the one-line error naming the fixes
+        if origin == "module" or not isinstance(self.adapter, AutoFisherAdapter):
+            return
+        batch = sample_batch(find_dataloader(trainer, self.dataloader, who))
+        if batch is not None:
+            self.adapter.check_batch(batch, need_labels=self.settings.fisher == "empirical")
 
     def owners(self, world_size: int) -> dict[str, int]:
         """``{layer: rank}``: balanced owners when sharded (:func:`~memcurve.curvature.owners.assign_owners`),
@@ -207,36 +251,30 @@ class KFACFactors(ScheduledAnalysis):
 
     # -- the work --------------------------------------------------------------------------------------
     def factor_dataloader(self, trainer: pl.Trainer) -> DataLoader:
-        """The loader of the factor pass: sequential, unaugmented, sharded across ranks without padding."""
+        """The loader of the factor pass: the run's own data (:func:`~memcurve.adapters.find_dataloader`), read
+        sequentially, sharded across ranks without padding (a callable ``dataloader``'s loader is used as is)."""
         if callable(self.dataloader):
             return self.dataloader(trainer)
-        source = trainer.datamodule if trainer.datamodule is not None else trainer.lightning_module
-        if self.dataloader == "train" and callable(getattr(source, "memorization_dataloader", None)):
-            loader = source.memorization_dataloader()
-        else:
-            loader = getattr(source, f"{self.dataloader}_dataloader")()
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0]
-        dataset = loader.dataset
-        max_samples = self.settings.max_samples
-        if max_samples is not None:
-            dataset = Subset(dataset, range(min(max_samples, len(dataset))))
-        sampler = unpadded_shard_sampler(dataset, trainer)
-        return DataLoader(
-            dataset,
-            batch_size=self.settings.batch_size or loader.batch_size or 1,
-            sampler=sampler,
-            shuffle=False,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-        )
+        loader = find_dataloader(trainer, self.dataloader, f"KFACFactors(dataloader={self.dataloader!r})")
+        return sequential_loader(loader, trainer, self.settings.batch_size, self.settings.max_samples)
+
+    def output_names(self) -> list[str]:
+        """The factor file, or with ``settings.sharded`` the index and every rank's shard."""
+        if not self.settings.sharded:
+            return [self.filename]
+        stem = self.filename.removesuffix(".safetensors")
+        return [stem + INDEX_SUFFIX, f"{stem}-rank{{rank}}-of-{{world_size}}.safetensors"]  # any shard of any run
+
+    def output_files(self, trainer: pl.Trainer) -> list[Path]:
+        if not self.settings.sharded:
+            return super().output_files(trainer)
+        path = self.output_path(trainer)
+        stem = path.name.removesuffix(".safetensors")
+        shards = [path.with_name(shard_name(stem, r, trainer.world_size)) for r in range(trainer.world_size)]
+        return [self.index_path(trainer), *shards]
 
     def output_path(self, trainer: pl.Trainer) -> Path:
-        folder = (
-            Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or trainer.default_root_dir) / "kfac"
-        )
-        return folder / self.filename.format(epoch=trainer.current_epoch, step=trainer.global_step)
+        return self.output_folder(trainer) / self.filename.format(epoch=trainer.current_epoch, step=trainer.global_step)
 
     def index_path(self, trainer: pl.Trainer) -> Path:
         """Where ``settings.sharded`` writes the index: ``output_path`` with ``.safetensors`` → ``.index.json``."""
@@ -251,6 +289,7 @@ class KFACFactors(ScheduledAnalysis):
         if not self.layer_names or self.pass_settings is None:
             self.setup(trainer, pl_module, "fit")
         settings = self.pass_settings
+        written_files = self.claim_outputs(trainer)  # refuses another run's file before the pass, not after
         loader = self.factor_dataloader(trainer)
         owners = self.owners(trainer.world_size)
         passes = [("A",), ("G",)] if settings.separate_passes else [("A", "G")]
@@ -318,6 +357,7 @@ class KFACFactors(ScheduledAnalysis):
             written = f"{len(owners)} layers"
         if trainer.is_global_zero:
             self.saved_paths.append(str(path))
+            self.record_written(*(p for p in written_files if p.exists()))
             rank_zero_info(f"memcurve: K-FAC factors of {written} written to {path}")
         if self.log_spectra and settings.store == "eigen":
             spectra = _gather_spectra(results)
@@ -407,6 +447,10 @@ class _Forward:
 
     def __init__(self, module: nn.Module, wrapper: nn.Module | None, precision: Any) -> None:
         self.module, self.wrapper, self.precision = module, wrapper, precision
+        try:  # adapters that read the forward's parameters (AutoFisherAdapter) see the module's, not (*args, **kwargs)
+            self.__signature__ = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            pass
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         context = self.precision.forward_context() if self.precision is not None else contextlib.nullcontext()

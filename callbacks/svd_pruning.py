@@ -14,7 +14,8 @@ __all__ = ["SVDPruning"]
 
 
 class SVDPruning(CheckpointPruning):
-    """Prune low singular directions at checkpoint time (the live model and the original file stay untouched).
+    """Prune low singular directions in a copy of the fit-end (or every) checkpoint; the live model and the original
+    stay untouched.
 
     Args:
         layers: module-name patterns of the layers to edit.
@@ -28,7 +29,7 @@ class SVDPruning(CheckpointPruning):
         layers: list[str],
         energy: float | list[float] | None = None,
         keep_fraction: float | list[float] | None = None,
-        when: str = "checkpoint",
+        when: str = "fit_end",
         evaluate: bool = True,
         output_dir: str | None = None,
         save_pruned: bool = True,

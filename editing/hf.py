@@ -40,6 +40,7 @@ from memcurve.curvature.layers import is_linear, weight_layout
 from memcurve.curvature.storage import StoredFactors, load_factors
 from memcurve.curvature.tracker import compile_layer_patterns
 from memcurve.editing.outputs import EDIT_KEY
+from memcurve.editing.pipeline import check_factors_match_state_dict
 from memcurve.editing.request import CURVATURE_METHODS, EditRequest
 from memcurve.utils.files import atomic_write
 
@@ -275,7 +276,8 @@ def edit_lightning_checkpoint(
     """Edit ``checkpoint["state_dict"]`` layer by layer into a new checkpoint ``output`` (the input is untouched).
 
     The checkpoint is memory-mapped; each edited weight replaces its entry (one new tensor per layer), all other
-    tensors are written from the mapped file. Factor names are the state-dict names (no prefix). With
+    tensors are written from the mapped file. Factor names are the state-dict names (no prefix); every layer of the
+    factor file is checked against the checkpoint's state dict (names, shapes, bias) before any edit. With
     ``hf_output_dir`` the edited weights of a ``CausalLMModule`` (``model.*`` entries) are also saved as a HF
     model folder. Returns the record stored under ``checkpoint["memcurve_edit"]``.
     """
@@ -291,6 +293,8 @@ def edit_lightning_checkpoint(
     state_dict = checkpoint.get("state_dict")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{source}: not a Lightning checkpoint (no 'state_dict' mapping)")
+    if stored is not None:  # factors of another model are refused before any edit (no module needed)
+        check_factors_match_state_dict(stored, state_dict)
     weights = [k.removesuffix(".weight") for k, v in state_dict.items() if k.endswith(".weight") and v.dim() == 2]
     selected = _select(layers, weights, "")
     names = _factor_names(selected, "", stored)

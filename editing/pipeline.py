@@ -4,6 +4,11 @@ Every way memcurve edits a checkpoint goes through :func:`edit_checkpoint`: the 
 time or at the end of fit), ``memcurve prune`` (sweeps of strengths and layer sets) and ``memcurve compare``
 (methods side by side). The original checkpoint dict, its tensors and the live model are never modified; the
 unedited model is scored once per call.
+
+Factor files are checked against the checkpoint being edited, with or without a module
+(:func:`check_factors_match_state_dict`): every layer of the file must be a weight of the checkpoint's state dict
+with the file's shape, layout and bias, and, given the module, the parameter fingerprint of the checkpoint must be
+the file's — so factors of another model are refused before any work, whichever path the edit takes.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from memcurve.curvature.storage import StoredFactors, load_factors
+from memcurve.curvature.layers import clean_module_name
+from memcurve.curvature.storage import FactorFileError, StoredFactors, load_factors, model_fingerprint
 from memcurve.curvature.tracker import select_linear_layers
 from memcurve.editing.methods import BalancedSubnetSettings, apply_edit, check_bsn_module
 from memcurve.editing.outputs import OutputGuard, edited_checkpoint_path, write_edited_checkpoint
@@ -25,23 +31,75 @@ from memcurve.editing.report import EditRow
 from memcurve.editing.request import EditRequest
 from memcurve.editing.scoring import Scorer
 
-__all__ = ["check_requests", "edit_checkpoint", "summary_line"]
+__all__ = ["check_factors_match_state_dict", "check_requests", "edit_checkpoint", "summary_line"]
 
 FactorSource = str | os.PathLike | StoredFactors | None
+
+
+def check_factors_match_state_dict(
+    stored: StoredFactors, state_dict: Mapping[str, Any], module: nn.Module | None = None
+) -> None:
+    """``FactorFileError`` (naming the file, the layer, both values) unless ``stored`` was made for the model whose
+    ``state_dict`` this is: each layer of the file is ``<layer>.weight`` of the state dict with the file's shape
+    (in its weight layout) and a ``<layer>.bias`` exactly when the file has a bias coordinate; given ``module``,
+    the fingerprint of the state dict's entries for the module's parameters (names without FSDP wrapper segments)
+    is the file's (``model_fingerprint``). Needs no module, so a bare checkpoint is checked the same way."""
+    source = stored.path
+    for name, info in stored.layer_info.items():
+        key = f"{name}.weight"
+        weight = state_dict.get(key)
+        if weight is None:
+            raise FactorFileError(
+                f"{source}: layer {name!r} has factors but the checkpoint has no {key!r}: the factors belong to "
+                "another model"
+            )
+        d_in, d_out, layout = info["in_features"], info["out_features"], info.get("weight_layout", "out_in")
+        expected = (d_out, d_in) if layout == "out_in" else (d_in, d_out)
+        if tuple(weight.shape) != expected:
+            raise FactorFileError(
+                f"{source}: layer {name!r} weight has shape {tuple(weight.shape)} in the checkpoint, {expected} in "
+                f"the factor file (in_features {d_in}, out_features {d_out}, layout {layout!r}): the factors belong "
+                "to another model"
+            )
+        has_bias = f"{name}.bias" in state_dict
+        homogeneous = stored.settings.get("bias") == "homogeneous" and has_bias
+        if bool(info["homogeneous"]) != homogeneous:
+            raise FactorFileError(
+                f"{source}: layer {name!r} has {'a' if has_bias else 'no'} bias in the checkpoint, the factor file "
+                f"{'has' if info['homogeneous'] else 'has no'} bias coordinate (bias={stored.settings.get('bias')!r}): "
+                "the factors belong to another model"
+            )
+    if module is None:
+        return
+    names = [clean_module_name(name) for name, _ in module.named_parameters()]
+    if not names or any(name not in state_dict for name in names):  # flattened (FSDP) parameters: names and shapes
+        return
+    actual = model_fingerprint({name: state_dict[name] for name in names})
+    if actual != stored.model_fingerprint:
+        raise FactorFileError(
+            f"{source}: model fingerprint {actual[:16]}… of the checkpoint does not match the factor file's "
+            f"{stored.model_fingerprint[:16]}…: the factors were computed on a model with other parameter names or "
+            "shapes"
+        )
 
 
 def check_requests(
     requests: Sequence[EditRequest], module: nn.Module, factors: FactorSource = None, datamodule: Any = None
 ) -> None:
     """Cheap checks before any work: every request's layers exist in ``module``, K-FAC requests have factors (and,
-    when loaded factors are given, they hold every selected layer), ``bsn`` requests have a module that provides its
-    data and a datamodule."""
+    when loaded factors are given, they are eigendecompositions holding every selected layer), ``bsn`` requests have
+    a module that provides its data and a datamodule."""
     for request in requests:
         names = select_linear_layers(module, list(request.layers))
         if request.method in ("kfac", "kfac-separable"):
             if factors is None:
                 raise ValueError(f"method={request.method!r} needs factors=<KFACFactors file or index>")
             stored = factors if isinstance(factors, StoredFactors) else None
+            if stored is not None and stored.kind != "eigen":
+                raise ValueError(
+                    f"factors={str(stored.path)!r} holds kind {stored.kind!r}; editing needs kind 'eigen' "
+                    "(KFACFactors settings.store='eigen')"
+                )
             if stored is not None:
                 missing = [n for n in names if n not in stored.layers]
                 if missing:
@@ -72,10 +130,11 @@ def edit_checkpoint(
 ) -> list[EditRow]:
     """Apply every request to ``checkpoint["state_dict"]``; returns one report row per request.
 
-    ``module``: the LightningModule the checkpoint belongs to (layer patterns are resolved against it, factor files
-    are checked against it, ``bsn`` trains on a copy of it); ``factors``: a path or loaded factors (K-FAC requests);
-    ``scorer``: scores the unedited and each edited state dict (None: no metrics); ``save``: write each edited copy
-    (:func:`~memcurve.editing.outputs.edited_checkpoint_path`, under ``output_folder`` if given).
+    ``module``: the LightningModule the checkpoint belongs to (layer patterns are resolved against it, ``bsn``
+    trains on a copy of it); ``factors``: a path or loaded factors (K-FAC requests), checked against the checkpoint
+    and the module (:func:`check_factors_match_state_dict`); ``scorer``: scores the unedited and each edited state
+    dict (None: no metrics); ``save``: write each edited copy (:func:`~memcurve.editing.outputs.edited_checkpoint_path`,
+    under ``output_folder`` if given; ``guard`` says what may be replaced).
     """
     source = Path(source)
     original = checkpoint["state_dict"]
@@ -84,11 +143,12 @@ def edit_checkpoint(
     if any(r.method in ("kfac", "kfac-separable") for r in requests):
         if factors is None:
             raise ValueError("the K-FAC methods need factors=<KFACFactors file or index>")
-        stored = factors if isinstance(factors, StoredFactors) else load_factors(factors, module)
+        stored = factors if isinstance(factors, StoredFactors) else load_factors(factors)
+        check_factors_match_state_dict(stored, original, module)
     check_requests(requests, module, stored, datamodule)
     if save:  # every output path before any work: a refused path must not leave earlier copies behind
         for request in requests:
-            guard.check(edited_checkpoint_path(source, request, output_folder))
+            guard.check(edited_checkpoint_path(source, request, output_folder), source=source)
     before = scorer.before(original) if scorer is not None else {}
     rows = []
     for request in requests:

@@ -270,6 +270,9 @@ def test_checkpoint_mode_records_its_outputs_in_the_checkpoint(tmp_path, tiny_vi
     assert Path(record["csv"]).name == "bands-epoch000-step3.csv" and Path(record["png"]).is_file()
     assert record["factors"] == kfac.saved_paths[-1]
     assert len(read_csv(Path(record["csv"]))) == 4 * 2  # one layer, 4 bands, one group, 2 statistics
+    # Lightning takes the callbacks' state before on_save_checkpoint: the saved state still lists these outputs.
+    assert checkpoint["callbacks"][probe.state_key]["saved_paths"] == [record["csv"]]
+    assert checkpoint["callbacks"][kfac.state_key]["saved_paths"] == [record["factors"]]
 
 
 def test_every_n_epochs_writes_one_file_per_period(tmp_path, tiny_vit_kwargs, fc2_factors):
@@ -370,6 +373,8 @@ def test_two_gloo_processes_give_the_single_process_results(tmp_path, tiny_vit_k
         ),
         ({"adapter": "vit"}, TypeError, r"adapter must be a memcurve ProbeAdapter"),
         ({"factors": ""}, ValueError, r"factors='' must be a factor file path or 'latest'"),
+        ({"overwrite": "yes"}, TypeError, r"overwrite='yes' must be True or False"),
+        ({"filename": "bands-{layer}"}, ValueError, r"filename='bands-\{layer\}' must be a file name .* \{epoch\}"),
     ],
 )
 def test_bad_arguments_fail_eagerly(kwargs, error, message):

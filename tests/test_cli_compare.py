@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from memcurve.callbacks import KFACFactors
-from memcurve.cli import EditSpec, run
+from memcurve.cli import EditSpec, instantiate, run
 from memcurve.curvature import FactorSettings
 from memcurve.data import NoisyLabelDataModule
 from memcurve.editing import METHODS, EditRequest
@@ -228,3 +228,36 @@ def test_compare_bsn_needs_a_forget_set(fitted, tmp_path):
             ["compare", "--config", str(clean), "--ckpt_path", str(clean_ckpt), "--method", "[bsn]",
              "--layers", YAML_LAYERS, "--ratio", "[0.01]", "--evaluate", "false", "--output_dir", str(tmp_path / "out")]
         )  # fmt: skip
+
+
+def test_compare_scores_a_module_without_evaluation_metrics_by_its_own_validation(fitted, tmp_path, monkeypatch):
+    """The default scorer: the module's own validation loop (here with its epoch-end memorization pass, which reads
+    ``self.trainer.datamodule``) on the unedited and the edited weights, reporting every metric it logs."""
+    config, ckpt, _ = fitted
+    monkeypatch.delattr(NoisyLabelClassifier, "evaluation_metrics")
+    output = tmp_path / "by-validation"
+    rows = run(
+        ["compare", "--config", str(config), "--ckpt_path", str(ckpt), "--method", "[svd]", "--layers", YAML_LAYERS,
+         "--keep_fraction", "[0.05]", "--output_dir", str(output)]
+    )  # fmt: skip
+    assert {"val/loss", "val/acc", "mem/noised_acc"} <= set(rows[0].before) == set(rows[0].after)
+    assert rows[0].after != rows[0].before
+    built = instantiate(config)  # the same module and data, validated the ordinary way
+    built.model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = trainer.validate(built.model, datamodule=built.datamodule, verbose=False)[0]
+    assert rows[0].before == pytest.approx(expected)  # exactly what validating the checkpoint gives
+
+
+def test_an_existing_report_is_refused_unless_overwrite(fitted, tmp_path):
+    config, ckpt, _ = fitted
+    output = tmp_path / "comparison"
+    output.mkdir()
+    (output / "comparison.json").write_text("[]")
+    arguments = ["compare", "--config", str(config), "--ckpt_path", str(ckpt), "--method", "[svd]", "--layers",
+                 YAML_LAYERS, "--energy", "[0.5]", "--evaluate", "false", "--output_dir", str(output)]  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"--output_dir '.*comparison' already holds a report \(comparison\.json"):
+        run(arguments)
+    assert (output / "comparison.json").read_text() == "[]"
+    assert [row.method for row in run([*arguments, "--overwrite", "true"])] == ["svd"]
+    assert len(json.loads((output / "comparison.json").read_text())) == 1

@@ -518,7 +518,12 @@ def _other_factors(tmp_path: Path, data: TinyData) -> Path:
         ("no layer", ValueError, r"layer pattern 'nope\*' matches no nn\.Linear module"),
         ("no factors for the layer", ValueError, r"\['head'\] have no factors in .*factors\.safetensors"),
         ("no factors at all", ValueError, r"K-FAC methods need factors="),
-        ("factors of another model", FactorFileError, r"other\.safetensors: .*'fc1'.* 10 in the model, 7 in the file"),
+        (
+            "factors of another model",
+            FactorFileError,
+            r"other\.safetensors: layer 'fc1' weight has shape \(10, 6\) in the "
+            r"checkpoint, \(7, 6\) in the factor file",
+        ),
         ("bsn without its methods", TypeError, r"TinyMLP\.balanced_subnet_data and \.balanced_subnet_loss"),
     ],
 )
@@ -770,5 +775,78 @@ def test_scorer_scores_a_copy_and_the_unedited_model_once(tmp_path: Path) -> Non
     # another unedited state dict (a scorer reused for another checkpoint) is scored, not served from the cache
     assert scorer.before(zeros)["val/loss"] == pytest.approx(math.log(D_OUT)) and data.evaluations == 3
     assert_bit_identical(module.state_dict(), live)
-    with pytest.raises(TypeError, match=r"evaluate=True needs Linear\.evaluation_metrics"):
+    with pytest.raises(TypeError, match=r"evaluate=True scores Linear with its own validation loop, but it has no "):
         Scorer(nn.Linear(2, 2), data)
+
+
+class PlainMLP(pl.LightningModule):
+    """A foreign module: no evaluation_metrics, ``(x, y)`` batches, metrics logged by its own validation_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(D_IN, D_HID), nn.Linear(D_HID, D_HID), nn.Linear(D_HID, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/acc", (logits.argmax(-1) == y).float().mean())
+
+
+class PlainData(pl.LightningDataModule):
+    def __init__(self, data: TinyData) -> None:
+        super().__init__()
+        self.data = data
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        dataset = torch.utils.data.TensorDataset(self.data.x, self.data.y)
+        return torch.utils.data.DataLoader(dataset, batch_size=16)
+
+
+def test_scorer_runs_the_modules_own_validation_loop_on_a_copy() -> None:
+    """Without evaluation_metrics the score is every metric the module's validation_step logs, from a separate
+    Trainer on a copy; the module, its mode and the global random state are untouched."""
+    torch.manual_seed(0)
+    module, data = PlainMLP(), tiny_data()
+    module.train()
+    live = snapshot(module.state_dict())
+    random_state = torch.get_rng_state()
+    scorer = Scorer(module, PlainData(data))
+    before = scorer.before(live)
+    logits = module(data.x).detach()
+    assert before == pytest.approx(
+        {
+            "val/loss": float(F.cross_entropy(logits, data.y)),
+            "val/acc": float((logits.argmax(-1) == data.y).float().mean()),
+        }
+    )
+    zeros = {key: torch.zeros_like(value) for key, value in live.items()}
+    assert scorer(zeros, live) == pytest.approx(
+        {"val/loss": math.log(D_OUT), "val/acc": float((data.y == 0).float().mean())}
+    )
+    assert torch.equal(torch.get_rng_state(), random_state)  # a loader iterator draws a seed: put back
+    assert_bit_identical(module.state_dict(), live)
+    assert module.training and module._trainer is None
+
+
+class Unscorable(pl.LightningModule):
+    """Neither evaluation_metrics nor validation_step: nothing to score with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D_IN, D_OUT)
+
+
+@pytest.mark.parametrize(
+    ("module", "datamodule", "error", "match"),
+    [
+        (Unscorable, None, TypeError, r"evaluate=True scores Unscorable .*no validation_step; define validation_step"),
+        (PlainMLP, None, ValueError, r"evaluate=True scores PlainMLP .*but there is no validation data"),
+    ],
+)
+def test_scorer_refuses_what_it_cannot_score(module: type, datamodule: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        Scorer(module(), datamodule).before(module().state_dict())

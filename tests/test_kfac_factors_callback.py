@@ -100,6 +100,7 @@ def test_checkpoint_mode_records_the_file_in_the_checkpoint_and_logs_spectra(tmp
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     recorded = Path(checkpoint["kfac_factors"]["path"])
     assert recorded.is_file() and recorded.name == "kfac-epoch000-step3.safetensors"
+    assert checkpoint["callbacks"][callback.state_key]["saved_paths"] == [str(recorded)]  # the state lists it too
     assert load_factors(recorded).layers["model.head"].count_A == 100  # 2 unaugmented batches of eval_batch_size 50
     events = EventAccumulator(str(next(Path(trainer.log_dir).glob("events.out.tfevents.*"))))
     events.Reload()
@@ -206,6 +207,9 @@ def test_effective_rank():
             ValueError,
             r"filename='kfac.pt': sharded=True needs a '<stem>.safetensors' name",
         ),
+        ({"overwrite": 1}, TypeError, r"overwrite=1 must be True or False"),
+        ({"filename": "kfac-{rank}.safetensors"}, ValueError, r"filename='kfac-\{rank\}.safetensors' must be a file"),
+        ({"filename": "kfac-{epoch"}, ValueError, r"filename='kfac-\{epoch' is not a valid name template"),
     ],
 )
 def test_bad_arguments_fail_eagerly(kwargs, error, message):

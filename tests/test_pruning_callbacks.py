@@ -69,7 +69,7 @@ def test_kfac_pruning_writes_separate_checkpoints_and_leaves_originals_and_live_
     monkeypatch.chdir(tmp_path)  # the run config's logger writes relative to the working directory
     model = tiny_model(tiny_vit_kwargs)
     factors = KFACFactors(layers=EDITED, settings=FactorSettings(position="cls", mc_samples=2), when="checkpoint")
-    pruning = KFACPruning(layers=EDITED, energy=[0.6, 1.0], keep_fraction=0.05)
+    pruning = KFACPruning(layers=EDITED, energy=[0.6, 1.0], keep_fraction=0.05, when="checkpoint")
     trainer = fit(tmp_path, model, [factors, pruning])
     folder = Path(trainer.log_dir) / "checkpoints"
     last = folder / "last.ckpt"

@@ -10,7 +10,8 @@ Every option of the pass comes in one :class:`~memcurve.curvature.settings.Facto
 from it in one place (``ScaleTracker.from_settings``).
 
 How logits, labels, example indices and masks come out of a batch is the job of a :class:`FisherAdapter`;
-:class:`ClassificationAdapter` covers image classifiers (the ViT), a causal-LM adapter lives with the LM
+The default (``adapter=None``) is the model's ``fisher_adapter()`` or else the inferred
+:class:`~memcurve.adapters.AutoFisherAdapter` (tuples, dicts, HF outputs); a causal-LM adapter lives with the LM
 module. Example indices seed the sampled Fisher (same draws for any batch size); a batch without indices
 gets ``rank + world_size * k`` for its k-th example on this rank, which is the global index under a
 sequential loader sharded round-robin without padding (``UnpaddedDistributedSampler``).
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from memcurve.adapters import ClassificationAdapter, FisherAdapter
+from memcurve.adapters import FisherAdapter, default_fisher_adapter
 from memcurve.curvature.fisher import fisher_backward
 from memcurve.curvature.layers import _CleanNames, linear_shape, named_linear_modules
 from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
@@ -160,7 +161,7 @@ def collect_sums(
     wrapper, see ``KFACFactors``). Layer names are clean names (wrapper segments removed). At most
     ``settings.max_batches`` batches are read; ``drop_last_position=None`` means the adapter's default.
     """
-    adapter = adapter or ClassificationAdapter()
+    adapter = adapter or default_fisher_adapter(model)
     settings = _check_settings(settings).resolve(adapter)
     backward = "G" in tuple(factors)
     modules = named_linear_modules(model)

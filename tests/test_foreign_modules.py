@@ -685,3 +685,19 @@ def test_defaults_collect_probe_prune_score_and_resume_from_last_with_the_origin
     assert start.weights is not None and set(start.weights) == set(original)
     for key, value in original.items():
         assert torch.equal(start.weights[key], value), f"{key}: resumed from something other than last.ckpt"
+
+
+def test_collect_factors_without_lightning_infers_tuple_batches():
+    """The framework-free ``collect_factors`` defaults to the inferred adapter too: a plain ``nn.Sequential`` on
+    ``(x, y)`` tuples gives the factors of the explicit adapter (float64, both Fisher types)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(20, 8, dtype=torch.float64), torch.randint(0, 3, (20,))
+    batches = [(x[i : i + 7], y[i : i + 7]) for i in range(0, 20, 7)]
+    for fisher in ("sampled", "empirical"):
+        settings = FactorSettings(fisher=fisher, dtype="float64")
+        inferred = collect_factors(model, batches, ["0", "2"], settings)
+        explicit = collect_factors(model, batches, ["0", "2"], settings, adapter=EXPLICIT)
+        for name in ("0", "2"):
+            torch.testing.assert_close(inferred[name].A, explicit[name].A, **EXACT)
+            torch.testing.assert_close(inferred[name].G, explicit[name].G, **EXACT)

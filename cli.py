@@ -57,7 +57,7 @@ from memcurve.editing import (
     requests_for,
     write_report,
 )
-from memcurve.editing.hf import DTYPES, edit_hf_model, edit_lightning_checkpoint
+from memcurve.editing.hf import edit_hf_model, edit_lightning_checkpoint
 from memcurve.lightning_modules import CausalLMModule
 from memcurve.utils.files import atomic_write, check_output_folder
 
@@ -150,9 +150,8 @@ class _RunCLI(_CommandCLI):
         factors = config.get("factors")
         if isinstance(factors, str) and factors != "latest" and not Path(factors).is_file():
             raise FileNotFoundError(f"--factors {factors!r} does not exist (a KFACFactors file or *.index.json)")
-        output_dir = config.get("output_dir")
-        if isinstance(output_dir, str) and Path(output_dir).exists() and not Path(output_dir).is_dir():
-            raise NotADirectoryError(f"--output_dir {output_dir!r} is a file; give a folder")
+        if isinstance(config.get("output_dir"), str):
+            check_output_folder("--output_dir", config["output_dir"])
 
 
 def _run_cli(command: str, add_flags: Callable[[LightningArgumentParser], None], argv: Sequence[str]) -> _RunCLI:
@@ -210,27 +209,24 @@ def run_factors(argv: Sequence[str]) -> Path:
     """``memcurve factors``: K-FAC factors of a run's checkpoint (or, with ``--text``, of a pretrained HF model)."""
     if _hf_factors_requested(argv):
         return run_hf_factors(argv)
-    cli = _run_cli("factors", _callback_flags(KFACFactors, FIXED), argv)
-    _check_ckpt(cli.config.get("ckpt_path"))
-    callback = _build_callback(KFACFactors, cli.config_init, FIXED, when="validate")
-    cli.trainer.callbacks.append(callback)
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"), verbose=False)
-    path = _written("factors", callback, cli.trainer)
-    if cli.trainer.is_global_zero:
-        print(f"memcurve factors: {path}")
-    return path
+    return _run_analysis("factors", KFACFactors, argv)
 
 
 def run_probe(argv: Sequence[str]) -> Path:
     """``memcurve probe``: band activations of a run's checkpoint for given factors."""
-    cli = _run_cli("probe", _callback_flags(BandActivationProbe, FIXED), argv)
-    _check_ckpt(cli.config.get("ckpt_path"))
-    callback = _build_callback(BandActivationProbe, cli.config_init, FIXED, when="validate")
+    return _run_analysis("probe", BandActivationProbe, argv)
+
+
+def _run_analysis(command: str, callback_class: type, argv: Sequence[str]) -> Path:
+    """The analysis callback, built from the command's flags, run once through the run config's ``trainer.validate``
+    (paths were checked before the model was built: ``_RunCLI.before_instantiate_classes``)."""
+    cli = _run_cli(command, _callback_flags(callback_class, FIXED), argv)
+    callback = _build_callback(callback_class, cli.config_init, FIXED, when="validate")
     cli.trainer.callbacks.append(callback)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"), verbose=False)
-    path = _written("probe", callback, cli.trainer)
+    path = _written(command, callback, cli.trainer)
     if cli.trainer.is_global_zero:
-        print(f"memcurve probe: {path}")
+        print(f"memcurve {command}: {path}")
     return path
 
 
@@ -348,9 +344,6 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path is None and config["output_dir"] is None:
         raise ValueError("without --ckpt_path (editing the config's model as built) give --output_dir")
-    _check_ckpt(ckpt_path)
-    if config["factors"] is not None and not Path(config["factors"]).is_file():
-        raise FileNotFoundError(f"--factors {config['factors']!r} does not exist")
     name = {"prune": "pruning_report", "compare": "comparison"}[command]
     source = Path(ckpt_path) if ckpt_path else Path(config["output_dir"]) / "model.ckpt"
     output_dir = Path(config["output_dir"]) if config["output_dir"] else source.parent.parent / name
@@ -493,8 +486,6 @@ def edit(
             source, factors, layers, output=output, hf_output_dir=hf_output_dir, overwrite=overwrite, **common
         )
     else:
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {tuple(DTYPES)}")
         record = edit_hf_model(
             source,
             factors,

@@ -223,48 +223,74 @@ def save_factors(
     if problem:
         raise ValueError(problem)
     kind = _kind_of(layers)
-    homogeneous_bias = settings["bias"] == "homogeneous"
+    modules = {name: _linear(model, name, path) for name in layers}
+    write_factor_file(path, layers, modules, kind, settings, model_fingerprint(model), extra or {})
+    return path
+
+
+def layer_metadata(
+    name: str,
+    value: LayerFactors | LayerEigen,
+    module: nn.Module,
+    kind: str,
+    bias: str,
+    tensors: dict[str, Tensor],
+) -> dict[str, Any]:
+    """Check one layer against its module, add its tensors to ``tensors``; returns its metadata."""
+    homogeneous = bias == "homogeneous" and module.bias is not None
+    in_features, out_features = linear_shape(module)
+    d_in = in_features + int(homogeneous)
+    for key, shape in _expected_shapes(kind, d_in, out_features).items():
+        t = getattr(value, key).detach().to("cpu").contiguous()
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"layer {name!r}: {key} has shape {tuple(t.shape)}, the model's layer (bias={bias!r}) needs {shape}"
+            )
+        tensors[f"{name}/{key}"] = t
+    counts = int(value.count_A), int(value.count_G)
+    if min(counts) < 1:
+        raise ValueError(f"layer {name!r}: counts (count_A, count_G) = {counts} must be positive")
+    return {
+        "in_features": in_features,
+        "out_features": out_features,
+        "homogeneous": homogeneous,
+        "count_A": counts[0],
+        "count_G": counts[1],
+        "weight_layout": weight_layout(module),
+    }
+
+
+def write_factor_file(
+    path: Path,
+    layers: Mapping[str, LayerFactors | LayerEigen],
+    modules: Mapping[str, nn.Module],
+    kind: str,
+    settings: Mapping[str, Any],
+    fingerprint: str,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The one writer of the file format (single files and the shards of a sharded run); returns the layer
+    metadata. Every layer is checked against its module before anything is written."""
     tensors: dict[str, Tensor] = {}
-    layer_meta: dict[str, dict[str, Any]] = {}
-    for name, value in layers.items():
-        module = _linear(model, name, path)
-        in_features, out_features = linear_shape(module)
-        homogeneous = homogeneous_bias and module.bias is not None
-        d_in = in_features + int(homogeneous)
-        for key, shape in _expected_shapes(kind, d_in, out_features).items():
-            t = getattr(value, key).detach().to("cpu").contiguous()
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"layer {name!r}: {key} has shape {tuple(t.shape)}, the model's layer "
-                    f"(bias={settings['bias']!r}) needs {shape}"
-                )
-            tensors[f"{name}/{key}"] = t
-        counts = int(value.count_A), int(value.count_G)
-        if min(counts) < 1:
-            raise ValueError(f"layer {name!r}: counts (count_A, count_G) = {counts} must be positive")
-        layer_meta[name] = {
-            "in_features": in_features,
-            "out_features": out_features,
-            "homogeneous": homogeneous,
-            "count_A": counts[0],
-            "count_G": counts[1],
-            "weight_layout": weight_layout(module),
-        }
+    layer_meta = {
+        name: layer_metadata(name, layers[name], modules[name], kind, settings["bias"], tensors) for name in layers
+    }
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": kind,
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": fingerprint,
         "settings": dict(settings),
         "layers": layer_meta,
         "tensors": {
             k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sha256": _sha256(t)}
             for k, t in tensors.items()
         },
-        "extra": dict(extra or {}),
+        "extra": dict(extra),
     }
     text = json.dumps(meta, sort_keys=True)  # fails here, before any file is touched, if not serialisable
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
+    return layer_meta
 
 
 def _read(path: Path, device: str | torch.device) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -51,8 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
 
 from memcurve.curvature.eigen import LayerEigen
 from memcurve.curvature.factor_file import (
@@ -69,8 +68,9 @@ from memcurve.curvature.factor_file import (
     canonical_settings,
     check_layers_match_model,
     model_fingerprint,
+    write_factor_file,
 )
-from memcurve.curvature.layers import WEIGHT_LAYOUTS, linear_shape, named_linear_modules, weight_layout
+from memcurve.curvature.layers import WEIGHT_LAYOUTS, named_linear_modules
 from memcurve.curvature.owners import check_owners
 from memcurve.curvature.sums import LayerFactors
 from memcurve.utils.distributed import is_distributed
@@ -116,70 +116,6 @@ def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _layer_meta(
-    name: str,
-    value: LayerFactors | LayerEigen,
-    module: nn.Module,
-    kind: str,
-    bias: str,
-    tensors: dict[str, Tensor],
-) -> dict[str, Any]:
-    """Check one layer against its module, add its tensors to ``tensors``; returns its metadata."""
-    homogeneous = bias == "homogeneous" and module.bias is not None
-    in_features, out_features = linear_shape(module)
-    d_in = in_features + int(homogeneous)
-    for key, shape in _expected_shapes(kind, d_in, out_features).items():
-        t = getattr(value, key).detach().to("cpu").contiguous()
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"layer {name!r}: {key} has shape {tuple(t.shape)}, the model's layer (bias={bias!r}) needs {shape}"
-            )
-        tensors[f"{name}/{key}"] = t
-    counts = int(value.count_A), int(value.count_G)
-    if min(counts) < 1:
-        raise ValueError(f"layer {name!r}: counts (count_A, count_G) = {counts} must be positive")
-    return {
-        "in_features": in_features,
-        "out_features": out_features,
-        "homogeneous": homogeneous,
-        "count_A": counts[0],
-        "count_G": counts[1],
-        "weight_layout": weight_layout(module),
-    }
-
-
-def _write_shard(
-    path: Path,
-    layers: Mapping[str, LayerFactors | LayerEigen],
-    modules: Mapping[str, nn.Module],
-    kind: str,
-    settings: Mapping[str, Any],
-    fingerprint: str,
-    extra: Mapping[str, Any],
-) -> dict[str, Any]:
-    """One shard in the format of ``storage.save_factors``; returns its layer metadata."""
-    tensors: dict[str, Tensor] = {}
-    layer_meta = {
-        name: _layer_meta(name, layers[name], modules[name], kind, settings["bias"], tensors) for name in layers
-    }
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "kind": kind,
-        "model_fingerprint": fingerprint,
-        "settings": dict(settings),
-        "layers": layer_meta,
-        "tensors": {
-            k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sha256": _sha256(t)}
-            for k, t in tensors.items()
-        },
-        "extra": dict(extra),
-    }
-    text = json.dumps(meta, sort_keys=True)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
-    return layer_meta
 
 
 def save_sharded_factors(
@@ -257,7 +193,7 @@ def save_sharded_factors(
             continue
         file = shard_name(stem, r, world_size)
         shard_extra = {**extra, "shard": {"rank": r, "world_size": world_size, "index": index_path.name}}
-        layer_meta = _write_shard(
+        layer_meta = write_factor_file(
             folder / file, {n: layers[n] for n in names}, modules, kind, settings, fingerprint, shard_extra
         )
         described.append(

@@ -215,10 +215,9 @@ def edit_hf_model(
     _refuse_same(source, output, "output_dir")
     if (output / "config.json").exists() and not overwrite:
         raise FileExistsError(f"output_dir {output} already holds a model; choose a new folder or pass overwrite=True")
+    load_kwargs = _from_pretrained_kwargs(dtype, revision, trust_remote_code)  # checks dtype before any loading
     stored = _load_stored(factors, method)
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(source) if source.exists() else str(model), **_from_pretrained_kwargs(dtype, revision, trust_remote_code)
-    )
+    hf = AutoModelForCausalLM.from_pretrained(str(source) if source.exists() else str(model), **load_kwargs)
     linear = {n: m for n, m in hf.named_modules() if is_linear(m)}
     if stored is not None:
         prefix = resolve_prefix(list(stored.layers), list(linear), prefix)

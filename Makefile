@@ -14,7 +14,7 @@ DEMO_CONFIG ?= configs/vit_digits_noisy.yaml
 DEMO_LM_CONFIG ?= configs/olmo2_tiny_canaries.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-vit demo-lm test test-slow tb lint bench data-fashion-mnist clean-venv
+.PHONY: venv demo demo-vit demo-lm test test-slow tb lint bench protocol data-fashion-mnist clean-venv
 
 $(DEPS_STAMP): pyproject.toml
 	@test -x $(VENV_PY) || { echo "memcurve: creating venv in $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -54,6 +54,13 @@ lint: venv
 bench: venv
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"  # kronfluence: comparison only, not a core dependency
 	@for script in bench/*.py; do echo "== $$script"; $(VENV_PY) $$script || exit 1; done
+
+# The held-out protocol over seeds 0-2 of the augmented digits ViT and the tiny canary OLMo-2 (trains missing seeds,
+# ~50 min; then the sweeps, see README "Results"), then the README's results section is regenerated from the sweeps.
+protocol: venv
+	$(VENV)/bin/memcurve sweep --config configs/protocol/vit_digits_augmented_sweep.yaml $(SWEEP_ARGS)
+	$(VENV)/bin/memcurve sweep --config configs/protocol/olmo2_tiny_canaries_sweep.yaml $(SWEEP_ARGS)
+	$(VENV_PY) docs/protocol_results.py
 
 # Full Fashion-MNIST for configs/vit_fashion_mnist_noisy.yaml (Debian package; needs root).
 data-fashion-mnist:

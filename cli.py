@@ -21,15 +21,19 @@ prints its resolved configuration with ``--print_config``.
 
 from __future__ import annotations
 
+import csv
 import inspect
+import io
+import json
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -39,10 +43,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.tensorboard import SummaryWriter
 
+from memcurve.adapters import sequential_loader
 from memcurve.callbacks import BandActivationProbe, KFACFactors
 from memcurve.callbacks.checkpoint_pruning import CheckpointPruning
 from memcurve.curvature.memory_plan import MemoryPlanError
 from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
+from memcurve.curvature.storage import load_factors
+from memcurve.curvature.tracker import select_linear_layers
+from memcurve.data.held_out import HeldOutSettings, HeldOutSplits, held_out_size, split_held_out, subset_loader
 from memcurve.data.text_datamodule import TextDataModule
 from memcurve.editing import (
     BalancedSubnetSettings,
@@ -53,11 +61,20 @@ from memcurve.editing import (
     edit_checkpoint,
     log_rows,
     plot_rows,
+    report_columns,
     report_markdown,
-    requests_for,
     write_report,
 )
+from memcurve.editing.auto import AUTO, Budget
 from memcurve.editing.hf import edit_hf_model, edit_lightning_checkpoint
+from memcurve.editing.protocol import (
+    AutoRequest,
+    AutoSettings,
+    Protocol,
+    single_validation_loader,
+    strength_requests,
+)
+from memcurve.editing.sweep import budget_table, curve_table, plot_sweep, results_markdown, sweep_points
 from memcurve.lightning_modules import CausalLMModule
 from memcurve.utils.files import atomic_write, check_output_folder
 
@@ -239,17 +256,25 @@ class EditSpec:
     """``kfac``, ``kfac-separable``, ``svd`` or ``bsn``."""
     layers: list[str]
     """Module-name patterns (globs or ``re:<regex>``) of the linear layers to edit."""
-    energy: list[float] = field(default_factory=list)
-    """Fractions of the spectrum energy to keep (Σκ for K-FAC, Σσ² for SVD), each in (0, 1]."""
-    keep_fraction: list[float] = field(default_factory=list)
-    """Fractions of directions (eigen-pairs or singular directions) to keep, each in (0, 1]."""
-    ratio: list[float] = field(default_factory=list)
-    """BalancedSubnet: fractions of each layer's weights to prune, each in (0, 1)."""
+    energy: list[float] | Literal["auto"] = field(default_factory=list)
+    """Fractions of the spectrum energy to keep (Σκ for K-FAC, Σσ² for SVD), each in (0, 1]; or ``auto``."""
+    keep_fraction: list[float] | Literal["auto"] = field(default_factory=list)
+    """Fractions of directions (eigen-pairs or singular directions) to keep, each in (0, 1]; or ``auto``."""
+    ratio: list[float] | Literal["auto"] = field(default_factory=list)
+    """BalancedSubnet: fractions of each layer's weights to prune, each in (0, 1); or ``auto``."""
 
-    def requests(self) -> list[EditRequest]:
-        return requests_for(
+    def requests(self) -> list[EditRequest | AutoRequest]:
+        """One request per value; ``auto`` gives one :class:`AutoRequest` (the strength chosen under a budget)."""
+        return strength_requests(
             self.method, self.layers, energy=self.energy, keep_fraction=self.keep_fraction, ratio=self.ratio
         )
+
+    @property
+    def kind(self) -> str:
+        """The strength kind of this spec (``auto`` searches over it in ``memcurve sweep``)."""
+        if self.method == "bsn":
+            return "ratio"
+        return "keep_fraction" if self.keep_fraction and not self.energy else "energy"
 
 
 def _edit_flags(parser: LightningArgumentParser) -> None:
@@ -272,10 +297,27 @@ def _edit_flags(parser: LightningArgumentParser) -> None:
         help="shorthand: these methods on --layers at the given strengths (one EditSpec each)",
     )
     parser.add_argument("--layers", type=list[str], default=[], help="layer patterns of the shorthand")
-    parser.add_argument("--energy", type=list[float], default=[], help="strengths of the shorthand")
-    parser.add_argument("--keep_fraction", type=list[float], default=[], help="strengths of the shorthand")
-    parser.add_argument("--ratio", type=list[float], default=[], help="BalancedSubnet strengths of the shorthand")
+    parser.add_argument("--energy", type=list[float] | Literal["auto"], default=[], help="strengths of the shorthand")
+    parser.add_argument(
+        "--keep_fraction", type=list[float] | Literal["auto"], default=[], help="strengths of the shorthand"
+    )
+    parser.add_argument(
+        "--ratio", type=list[float] | Literal["auto"], default=[], help="BalancedSubnet strengths of the shorthand"
+    )
     parser.add_argument("--bsn", type=BalancedSubnetSettings, default=BalancedSubnetSettings())
+    parser.add_argument(
+        "--budget",
+        type=Budget | None,
+        default=None,
+        help="held-out protocol: the budget of auto strengths, e.g. {max_accuracy_drop: 0.01}",
+    )
+    parser.add_argument(
+        "--held_out",
+        type=HeldOutSettings | None,
+        default=None,
+        help="held-out protocol: split the validation set into selection and test (implied by --budget)",
+    )
+    parser.add_argument("--auto", type=AutoSettings, default=AutoSettings(), help="candidate strengths of auto")
     parser.add_argument("--evaluate", type=bool, default=True, help="score the unedited and the edited weights")
     parser.add_argument("--save", type=bool, default=False, help="also write the edited checkpoints")
     parser.add_argument(
@@ -289,7 +331,7 @@ def _edit_flags(parser: LightningArgumentParser) -> None:
     )
 
 
-def _requests(config: Any) -> list[EditRequest]:
+def _requests(config: Any) -> list[EditRequest | AutoRequest]:
     specs = list(config["edits"])
     if config["method"]:
         if not config["layers"]:
@@ -300,7 +342,8 @@ def _requests(config: Any) -> list[EditRequest]:
                 if method == "bsn"
                 else {"energy": config["energy"], "keep_fraction": config["keep_fraction"]}
             )
-            specs.append(EditSpec(method, list(config["layers"]), **{k: list(v) for k, v in strengths.items()}))
+            strengths = {k: v if v == AUTO else list(v) for k, v in strengths.items()}
+            specs.append(EditSpec(method, list(config["layers"]), **strengths))
     elif config["layers"] or config["energy"] or config["keep_fraction"] or config["ratio"]:
         raise ValueError("--layers/--energy/--keep_fraction/--ratio are the shorthand of --method: give --method too")
     if not specs:
@@ -354,9 +397,21 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
             f"--output_dir {str(output_dir)!r} already holds a report ({report.name}) that this run did not write; "
             "choose another --output_dir or pass --overwrite true"
         )
+    budget, held_out = config["budget"], config["held_out"]
+    if any(isinstance(r, AutoRequest) for r in requests) and budget is None:
+        raise ValueError("an auto strength needs --budget (e.g. --budget.max_accuracy_drop 0.01)")
+    if (budget is not None or held_out is not None) and not config["evaluate"]:
+        raise ValueError("--budget / --held_out score the edits on held-out splits: they need --evaluate true")
     module, datamodule = cli.model, cli.datamodule
     checkpoint = load_run_checkpoint(module, datamodule, ckpt_path)
     factors = config["factors"] or checkpoint.get("kfac_factors", {}).get("path")
+    protocol = None
+    if budget is not None or held_out is not None:
+        held_out = held_out or HeldOutSettings()
+        splits = split_held_out(held_out_size(datamodule), held_out, seed=_run_seed(cli.config))
+        _write_splits(output_dir / "held_out_splits.json", splits, config["overwrite"])
+        protocol = Protocol(module, datamodule, splits, budget, trainer=cli.trainer, auto=config["auto"])
+        print(f"memcurve {command}: {splits.name} -> {output_dir / 'held_out_splits.json'}")
     rows = edit_checkpoint(
         checkpoint,
         source,
@@ -365,7 +420,8 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
         datamodule=datamodule,
         factors=factors,
         bsn=config["bsn"],
-        scorer=Scorer(module, datamodule, cli.trainer) if config["evaluate"] else None,
+        scorer=Scorer(module, datamodule, cli.trainer) if config["evaluate"] and protocol is None else None,
+        protocol=protocol,
         save=config["save"],
         output_folder=output_dir / "checkpoints" if config["save"] else None,
         guard=OutputGuard(overwrite=config["overwrite"]),
@@ -384,6 +440,308 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
     print(table)
     print(f"memcurve {command}: report {output_dir / (name + '.csv')}, table {output_dir / (name + '.md')}")
     return rows
+
+
+def _run_seed(config: Any) -> int:
+    """The run's seed (``seed_everything``), the default seed of its held-out split."""
+    seed = config.get("seed_everything")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(
+            f"seed_everything={seed!r}: the held-out split is seeded by the run's seed; set seed_everything to an "
+            "integer in the run config or give --held_out.seed"
+        )
+    return seed
+
+
+def _write_splits(path: Path, splits: HeldOutSplits, overwrite: bool) -> None:
+    """Save the split beside the report; an existing different split is refused (its reports would lie)."""
+    text = json.dumps(splits.to_json())
+    if path.is_file() and not overwrite:
+        saved = HeldOutSplits.from_json(json.loads(path.read_text()))
+        if saved.sha256 != splits.sha256:
+            raise FileExistsError(
+                f"{path} holds another held-out split ({saved.name}) than this run's ({splits.name}); choose another "
+                "--output_dir or pass --overwrite true"
+            )
+        return
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# -- sweep: curves over seeds under the held-out protocol ----------------------------------------------------------
+@dataclass
+class BudgetGrid:
+    """The budgets of a sweep: one kind, several limits (each gives one ``auto`` choice per method and seed)."""
+
+    max_accuracy_drop: list[float] = field(default_factory=list)
+    """Largest drops of the metric (higher is better), e.g. [0.005, 0.01, 0.02] = half a point, one, two."""
+    max_perplexity_ratio: list[float] = field(default_factory=list)
+    """Largest ratios of the metric (lower is better), e.g. [1.05, 1.10, 1.15]."""
+    metric: str | None = None
+    """The budget's metric (default ``val/acc`` for drops, ``val/perplexity`` for ratios)."""
+
+    def budgets(self) -> list[Budget]:
+        if bool(self.max_accuracy_drop) == bool(self.max_perplexity_ratio):
+            raise ValueError(
+                "--budgets takes exactly one of max_accuracy_drop (e.g. [0.005, 0.01, 0.02]) and max_perplexity_ratio "
+                f"(e.g. [1.05, 1.1, 1.15]); got {self.max_accuracy_drop!r} and {self.max_perplexity_ratio!r}"
+            )
+        if self.max_accuracy_drop:
+            return [Budget(max_accuracy_drop=v, metric=self.metric) for v in sorted(self.max_accuracy_drop)]
+        return [Budget(max_perplexity_ratio=v, metric=self.metric) for v in sorted(self.max_perplexity_ratio)]
+
+
+DEFAULT_SEED_OVERRIDES = [
+    "--seed_everything={seed}",
+    "--data.init_args.seed={seed}",
+    "--trainer.logger.init_args.version=seed{seed}",
+]
+MEMORIZATION_METRICS = ("mem/noised_acc", "mem/strict")
+DEFAULT_HELD_OUT, DEFAULT_AUTO, DEFAULT_BSN = HeldOutSettings(), AutoSettings(), BalancedSubnetSettings()
+
+
+def sweep(
+    run_config: str,
+    edits: list[EditSpec],
+    output_dir: str,
+    budgets: BudgetGrid,
+    seeds: list[int] | None = None,
+    checkpoints: str | None = None,
+    train_missing: bool = False,
+    seed_overrides: list[str] | None = None,
+    held_out: HeldOutSettings = DEFAULT_HELD_OUT,
+    factor_data: Literal["train", "held_out"] = "train",
+    factor_settings: FactorSettings = DEFAULT_SETTINGS,
+    factors: str | None = None,
+    auto: AutoSettings = DEFAULT_AUTO,
+    bsn: BalancedSubnetSettings = DEFAULT_BSN,
+    memorization_metric: str | None = None,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> dict[int, list[EditRow]]:
+    """Memorization against held-out cost for every edit over a grid of strengths, and the strength ``auto`` chooses
+    at each budget, for one checkpoint or one per seed, under the held-out protocol.
+
+    Per seed: the run config with the seed's overrides is built and its checkpoint loaded; the validation set is
+    split into the protocol's roles (``held_out_splits.json``); K-FAC factors are collected on ``factor_data``
+    (``train``: the training set, unaugmented; ``held_out``: the factor role of the validation set); every grid
+    strength is scored on the selection split, the test split and the memorized set; then, per budget, each edit's
+    strength is chosen on the selection split alone (bisection) and scored the same way. Outputs in
+    ``output_dir``: ``seed<s>/`` (report rows, splits, factors), ``sweep.csv`` (every point), ``budgets.md`` (the
+    budget table, mean ± sd over seeds), ``sweep.png`` (the curves), ``results.md`` and TensorBoard.
+
+    Args:
+        run_config: the run's config (``configs/protocol/*.yaml``); its model, data and Trainer are built per seed.
+        edits: the methods, layer sets and grid strengths (lists; the grid's kind is the kind ``auto`` searches).
+        output_dir: the sweep's folder (refused if it holds a sweep, unless ``overwrite``).
+        budgets: the budgets (one kind, several limits).
+        seeds: train/evaluate these seeds (None: the run config as it is, with ``checkpoints`` one file).
+        checkpoints: the checkpoint of each seed, ``{seed}`` filled in (e.g.
+            ``runs/protocol/vit_digits_augmented/seed{seed}/checkpoints/last.ckpt``).
+        train_missing: train a seed whose checkpoint is missing (``memcurve fit`` with the seed's overrides).
+        seed_overrides: command-line overrides of the run config per seed, ``{seed}`` filled in (default: the seed
+            of ``seed_everything`` and of the data, and the logger version ``seed<s>``).
+        held_out: how the validation set is split (seed: the run's seed unless given).
+        factor_data: where the factors come from: ``train`` or the ``held_out`` factor role.
+        factor_settings: the factor pass (``FactorSettings``).
+        factors: an existing factor file per seed (``{seed}`` filled in) instead of collecting one.
+        auto: the candidate strengths of ``auto``; bsn: BalancedSubnet's settings.
+        memorization_metric: the memorized-set metric (default: ``mem/noised_acc`` or ``mem/strict``).
+        title: the figure's title (default: the run config's name).
+        overwrite: replace an existing sweep in ``output_dir``.
+    """
+    started = time.perf_counter()
+    budget_list = budgets.budgets()
+    if not edits:
+        raise ValueError("--edits is empty: give the methods, layers and grid strengths to sweep")
+    requests = [request for spec in edits for request in spec.requests()]
+    if any(isinstance(r, AutoRequest) for r in requests):
+        raise ValueError("--edits of a sweep take grid strengths (lists); auto runs at every budget by itself")
+    if factor_data == "held_out" and held_out.factor_fraction <= 0:
+        raise ValueError("--factor_data held_out needs --held_out.factor_fraction > 0 (the factor role's share)")
+    if not Path(run_config).is_file():
+        raise FileNotFoundError(f"--run_config {run_config!r} does not exist")
+    if seeds is not None and (checkpoints is None or "{seed}" not in checkpoints):
+        raise ValueError(f"--seeds needs --checkpoints with a {{seed}} field; got {checkpoints!r}")
+    if seeds is None and checkpoints is None:
+        raise ValueError("give --checkpoints (one checkpoint, or a pattern with {seed} and --seeds)")
+    output = Path(output_dir)
+    check_output_folder("--output_dir", output)
+    if (output / "sweep.csv").exists() and not overwrite:
+        raise FileExistsError(
+            f"--output_dir {output_dir!r} already holds a sweep (sweep.csv); choose another or pass --overwrite true"
+        )
+    overrides = DEFAULT_SEED_OVERRIDES if seed_overrides is None else seed_overrides
+    rows_by_seed: dict[int, list[EditRow]] = {}
+    split_names: dict[int, str] = {}
+    module = None
+    for seed in seeds if seeds is not None else [None]:
+        seed_argv = [o.format(seed=seed) for o in overrides] if seed is not None else []
+        ckpt = checkpoints.format(seed=seed) if seed is not None else checkpoints
+        if not Path(ckpt).is_file():
+            if not train_missing:
+                raise FileNotFoundError(
+                    f"--checkpoints: {ckpt!r} does not exist (pass --train_missing true to train it)"
+                )
+            print(f"memcurve sweep: training seed {seed}: memcurve fit --config {run_config} {' '.join(seed_argv)}")
+            run_trainer_command(["fit", "--config", run_config, *seed_argv])
+            if not Path(ckpt).is_file():
+                raise FileNotFoundError(f"--checkpoints: training seed {seed} did not write {ckpt!r}")
+        cli = _run_cli("sweep", lambda parser: None, ["--config", run_config, *seed_argv])
+        module, datamodule = cli.model, cli.datamodule
+        checkpoint = load_run_checkpoint(module, datamodule, ckpt)
+        run_seed = _run_seed(cli.config)
+        key = run_seed if seed is None else seed
+        folder = output / f"seed{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        splits = split_held_out(held_out_size(datamodule), held_out, seed=run_seed)
+        _write_splits(folder / "held_out_splits.json", splits, overwrite)
+        split_names[key] = splits.name
+        print(f"memcurve sweep: seed {key}: {ckpt}; {splits.name}")
+        factor_path = None
+        if any(r.method in ("kfac", "kfac-separable") for r in requests):
+            factor_path = factors.format(seed=key) if factors else None
+            if factor_path is None:
+                layers = sorted({p for r in requests if r.method.startswith("kfac") for p in r.layers})
+                factor_path = _sweep_factors(
+                    module, datamodule, splits, factor_data, layers, factor_settings, folder / "kfac.safetensors"
+                )
+        protocol = Protocol(module, datamodule, splits, budget_list[0], trainer=cli.trainer, auto=auto)
+        common = {"module": module, "datamodule": datamodule, "factors": factor_path, "bsn": bsn, "save": False}
+        rows = edit_checkpoint(checkpoint, ckpt, requests, protocol=protocol, **common)
+        for budget in budget_list:
+            protocol.budget = budget
+            autos = [AutoRequest(spec.method, tuple(spec.layers), spec.kind) for spec in edits]
+            rows += edit_checkpoint(checkpoint, ckpt, autos, protocol=protocol, **common)
+        write_report(folder, rows, "sweep", append=False)
+        rows_by_seed[key] = rows
+    memorization = memorization_metric or next(
+        (m for m in MEMORIZATION_METRICS if m in next(iter(rows_by_seed.values()))[0].before), None
+    )
+    if memorization is None:
+        raise ValueError(
+            f"no memorization metric among the scores; give --memorization_metric (one of "
+            f"{sorted(next(iter(rows_by_seed.values()))[0].before)})"
+        )
+    seconds = time.perf_counter() - started
+    meta = {
+        "run_config": run_config,
+        "seeds": sorted(rows_by_seed),
+        "splits": {str(seed): name for seed, name in split_names.items()},
+        "memorization_metric": memorization,
+        "budget_metric": budget_list[0].metric,
+        "budget_kind": budget_list[0].kind,
+        "budgets": [budget.limit for budget in budget_list],
+        "seconds": seconds,
+        "title": title or Path(run_config).stem,
+    }
+    _write_sweep(output, rows_by_seed, budget_list, memorization, module, meta)
+    print(f"memcurve sweep: {len(rows_by_seed)} seeds in {seconds / 60:.1f} min -> {output / 'results.md'}")
+    return rows_by_seed
+
+
+def _sweep_factors(
+    module: pl.LightningModule,
+    datamodule: Any,
+    splits: HeldOutSplits,
+    factor_data: str,
+    layers: list[str],
+    settings: FactorSettings,
+    path: Path,
+) -> Path:
+    """The K-FAC factors of the sweep's checkpoint on ``factor_data``, written to ``path`` (reused when a file
+    there loads and matches the model: the sweep wrote it for this checkpoint)."""
+    if path.is_file():
+        stored = load_factors(path, module)
+        if all(name in stored.layers for name in select_linear_layers(module, layers)):
+            print(f"memcurve sweep: reusing {path}")
+            return path
+        raise FileExistsError(f"{path} holds factors of other layers; remove it or choose another --output_dir")
+    validation = single_validation_loader(module, datamodule)
+    if factor_data == "held_out":
+        loader = subset_loader(validation, splits.indices("factors"))
+    elif callable(getattr(datamodule, "memorization_dataloader", None)):
+        loader = datamodule.memorization_dataloader()  # the training set, unaugmented, in order
+    else:
+        loader = sequential_loader(datamodule.train_dataloader())
+    callback = KFACFactors(
+        layers,
+        settings=settings,
+        dataloader=lambda trainer: loader,
+        when="validate",
+        output_dir=str(path.parent),
+        filename=path.name,
+        log_spectra=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        callbacks=[callback],
+    )
+    # One validation batch of the test split only carries the callback (its scores are discarded).
+    trainer.validate(module, dataloaders=subset_loader(validation, splits.indices("test")[:1]), verbose=False)
+    return path
+
+
+def _write_sweep(
+    output: Path,
+    rows_by_seed: dict[int, list[EditRow]],
+    budgets: list[Budget],
+    memorization: str,
+    module: Any,
+    meta: dict[str, Any],
+) -> None:
+    """``sweep.csv``, ``curves.csv``, ``budgets.{md,json}``, ``sweep.png``, ``sweep_meta.json``, ``results.md`` and
+    TensorBoard of a sweep."""
+    splits, title = {int(seed): name for seed, name in meta["splits"].items()}, meta["title"]
+    points = sweep_points(rows_by_seed, budgets[0])
+    _write_csv(output / "sweep.csv", points)
+    curves = curve_table(rows_by_seed, budgets[0], memorization)
+    _write_csv(output / "curves.csv", [_flat_mean_sd(c) for c in curves])
+    metrics = report_columns(next(iter(rows_by_seed.values())), module)
+    table = results_markdown(rows_by_seed, budgets, memorization, metrics, splits)
+    atomic_write(output / "budgets.md", lambda tmp: tmp.write_text(table + "\n"))
+    records = budget_table(rows_by_seed, budgets, memorization, metrics)
+    atomic_write(output / "budgets.json", lambda tmp: tmp.write_text(json.dumps(records, indent=1)))
+    atomic_write(output / "sweep_meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    figure = plot_sweep(rows_by_seed, budgets, memorization, title)
+    atomic_write(output / "sweep.png", lambda tmp: figure.savefig(tmp, format="png", dpi=130))
+    writer = SummaryWriter(str(output / "tensorboard"))
+    for point in points:
+        if point["auto_budget"]:
+            continue
+        curve = f"sweep/{point['method']}/{point['kind']}/seed{point['seed']}"
+        step = round(point["strength"] * 1_000_000)
+        for key in ("test_cost", "selection_cost", memorization, "kept_fraction"):
+            writer.add_scalar(f"{curve}/{key}", point[key], step)
+    writer.add_text("sweep/budgets", table)
+    writer.add_figure("sweep/figure", figure)
+    writer.close()
+    results = [f"# {title}: held-out protocol", "", table, "", f"![curves]({output.name}/sweep.png)"]
+    atomic_write(output / "results.md", lambda tmp: tmp.write_text("\n".join(results) + "\n"))
+    print(table)
+
+
+def _flat_mean_sd(record: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, tuple):
+            flat[f"{key} mean"], flat[f"{key} sd"] = value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
 # -- the direct Hugging Face path --------------------------------------------------------------------------------
@@ -535,6 +893,7 @@ COMMANDS = {
     "probe": "band activations of memorized vs other examples in the K-FAC and SVD bases",
     "prune": "sweep edits (methods x strengths x layer sets) of one checkpoint: report, table, figure",
     "compare": "K-FAC, SVD and BalancedSubnet side by side on one checkpoint: one comparison table",
+    "sweep": "memorization against held-out cost over strengths and seeds; auto strengths at budgets (held-out)",
     "edit": "edit a HF model folder or a Lightning checkpoint into a new one, layer by layer",
 }
 _RUNNERS: dict[str, Callable[[Sequence[str]], Any]] = {
@@ -545,6 +904,7 @@ _RUNNERS: dict[str, Callable[[Sequence[str]], Any]] = {
     "probe": run_probe,
     "prune": lambda argv: run_edits("prune", argv),
     "compare": lambda argv: run_edits("compare", argv),
+    "sweep": lambda argv: _function_command("sweep", sweep, argv),
     "edit": run_edit,
 }
 

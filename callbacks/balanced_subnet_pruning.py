@@ -24,11 +24,15 @@ weights). TensorBoard: ``prune/bsn/ratio/L<layer set>/<metric>`` with the ratio 
 from __future__ import annotations
 
 import numbers
+from typing import Literal
 
 import lightning.pytorch as pl
 
 from memcurve.callbacks.checkpoint_pruning import CheckpointPruning
-from memcurve.editing import BalancedSubnetSettings, check_bsn_module, requests_for
+from memcurve.data.held_out import HeldOutSettings
+from memcurve.editing import BalancedSubnetSettings, check_bsn_module
+from memcurve.editing.auto import AUTO, Budget
+from memcurve.editing.protocol import strength_requests
 
 __all__ = ["BalancedSubnetPruning"]
 
@@ -49,18 +53,21 @@ class BalancedSubnetPruning(CheckpointPruning):
     def __init__(
         self,
         layers: list[str],
-        ratio: float | list[float] = 0.0015,
+        ratio: float | list[float] | Literal["auto"] = 0.0015,
         settings: BalancedSubnetSettings | None = None,
         when: str = "fit_end",
         evaluate: bool = True,
         output_dir: str | None = None,
         save_pruned: bool = True,
+        budget: Budget | None = None,
+        held_out: HeldOutSettings | None = None,
     ) -> None:
         if settings is not None and not isinstance(settings, BalancedSubnetSettings):
             raise TypeError(f"settings must be a BalancedSubnetSettings, not {type(settings).__name__}")
-        super().__init__(layers, when, evaluate, output_dir, save_pruned)
-        ratios = [ratio] if isinstance(ratio, numbers.Real) else list(ratio or [])
-        self.requests = requests_for("bsn", self.layers, ratio=ratios)
+        super().__init__(layers, when, evaluate, output_dir, save_pruned, budget, held_out)
+        ratios = ratio if ratio == AUTO else [ratio] if isinstance(ratio, numbers.Real) else list(ratio or [])
+        self.requests = strength_requests("bsn", self.layers, ratio=ratios)
+        self.check_auto()
         self.settings = settings or BalancedSubnetSettings()
 
     def bsn_settings(self) -> BalancedSubnetSettings:

@@ -30,6 +30,8 @@ resumed run (``state_dict``, stable ``state_key``).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +45,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_info
 
 from memcurve.curvature.tracker import select_linear_layers
+from memcurve.data.held_out import HeldOutSettings, split_held_out
 from memcurve.editing import (
     EDIT_KEY,
     EDITED_FOLDER,
@@ -57,11 +60,13 @@ from memcurve.editing import (
     read_report,
     write_report,
 )
+from memcurve.editing.auto import Budget
 from memcurve.editing.outputs import edited_checkpoint_path, remove_edited_copies
 from memcurve.editing.pipeline import FactorSource
+from memcurve.editing.protocol import AutoRequest, Protocol, single_validation_loader
 from memcurve.editing.request import layer_patterns
 from memcurve.utils.arguments import check_choice
-from memcurve.utils.files import check_output_folder
+from memcurve.utils.files import atomic_write, check_output_folder
 
 __all__ = ["FIT_END_NAME", "REPORT_NAME", "WHEN", "CheckpointPruning", "check_checkpoint_strategy"]
 
@@ -158,9 +163,14 @@ class CheckpointPruning(pl.Callback):
             ``evaluation_metrics``, else its own validation loop on a copy).
         output_dir: folder of the report (default ``<log_dir>/pruning``).
         save_pruned: write the edited checkpoints (False: report only).
+        budget: the held-out protocol's budget of ``auto`` strengths (e.g. ``Budget(max_accuracy_drop=0.01)``):
+            the validation set is split into selection and test (``held_out``), each ``auto`` strength is the
+            strongest within the budget on the selection split, and every score is reported on the test split.
+        held_out: how the validation set is split (default when a budget is given: half selection, half test,
+            seeded by the run's ``seed_everything``); given without a budget, fixed strengths are reported on both.
     """
 
-    requests: list[EditRequest]
+    requests: list[EditRequest | AutoRequest]
 
     def __init__(
         self,
@@ -169,9 +179,19 @@ class CheckpointPruning(pl.Callback):
         evaluate: bool = True,
         output_dir: str | None = None,
         save_pruned: bool = True,
+        budget: Budget | None = None,
+        held_out: HeldOutSettings | None = None,
     ) -> None:
         self.layers = list(layer_patterns(layers))
         check_choice("when", when, WHEN)
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a memcurve.editing.auto.Budget, not {type(budget).__name__}")
+        if held_out is not None and not isinstance(held_out, HeldOutSettings):
+            raise TypeError(f"held_out must be a memcurve.data.held_out.HeldOutSettings, not {type(held_out).__name__}")
+        if (budget is not None or held_out is not None) and not evaluate:
+            raise ValueError("budget / held_out score the edits on held-out splits: they need evaluate=True")
+        self.budget = budget
+        self.held_out = held_out if held_out is not None or budget is None else HeldOutSettings()
         self.when = when
         self.evaluate = evaluate
         self.output_dir = output_dir
@@ -243,12 +263,23 @@ class CheckpointPruning(pl.Callback):
             if self.when == "fit_end":
                 source = _free_name(fit_end_folder)
                 for request in self.requests:
+                    if not isinstance(request, EditRequest):
+                        continue  # an auto strength's name is known once chosen
                     path = edited_checkpoint_path(source, request)
                     self.guard.check(path, "save_pruned (an edited copy)", source=source)
 
         _on_rank_zero(trainer, check)
 
     # -- hooks -----------------------------------------------------------------------------------------
+    def check_auto(self) -> None:
+        """An ``auto`` strength needs a budget (called by the subclasses once their requests are set)."""
+        autos = [r.tag for r in self.requests if isinstance(r, AutoRequest)]
+        if autos and self.budget is None:
+            raise ValueError(
+                f"{type(self).__name__}: {autos} choose their strength under a budget; pass budget="
+                "Budget(max_accuracy_drop=0.01) (YAML: budget: {max_accuracy_drop: 0.01}) or give strengths"
+            )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_checkpoint_strategy(trainer.strategy)
         self.layer_names = select_linear_layers(pl_module, self.layers)
@@ -303,13 +334,18 @@ class CheckpointPruning(pl.Callback):
     def on_checkpoint_removed(self, path: Path) -> None:
         """Lightning removed ``path`` (e.g. ``ModelCheckpoint`` rotation): its edited copies go with it."""
         if self.save_pruned:
-            for removed in remove_edited_copies(path, self.requests):
+            chosen = [r for r in self.requests if isinstance(r, EditRequest)]
+            chosen += [
+                EditRequest(row.method, tuple(row.layers), **{row.kind: row.strength}) for row in self.rows if row.auto
+            ]
+            for removed in remove_edited_copies(path, chosen):
                 self.guard.created.discard(removed.resolve())
                 rank_zero_info(f"memcurve: removed {removed} with its source {path}")
 
     def prune(self, checkpoint: dict[str, Any], path: Path) -> list[EditRow]:
         trainer = self._trainer
         module = trainer.lightning_module
+        protocol = self.protocol(trainer, module) if self.held_out is not None else None
         rows = edit_checkpoint(
             checkpoint,
             path,
@@ -318,7 +354,8 @@ class CheckpointPruning(pl.Callback):
             datamodule=trainer.datamodule,
             factors=self.factors_for(checkpoint),
             bsn=self.bsn_settings(),
-            scorer=Scorer(module, trainer.datamodule, trainer) if self.evaluate else None,
+            scorer=Scorer(module, trainer.datamodule, trainer) if self.evaluate and protocol is None else None,
+            protocol=protocol,
             save=self.save_pruned,
             guard=self.guard,
             log=rank_zero_info,
@@ -328,6 +365,19 @@ class CheckpointPruning(pl.Callback):
         if isinstance(trainer.logger, TensorBoardLogger):
             log_rows(trainer.logger.experiment, rows)
         return rows
+
+    def protocol(self, trainer: pl.Trainer, module: pl.LightningModule) -> Protocol:
+        """The held-out protocol of this run: its validation set split by ``held_out`` (seeded by ``held_out.seed``
+        or the run's ``seed_everything``), saved as ``held_out_splits.json`` in the report folder."""
+        datamodule = trainer.datamodule
+        size = len(single_validation_loader(module, datamodule, trainer).dataset)
+        seed = self.held_out.seed if self.held_out.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        splits = split_held_out(size, self.held_out, seed=seed)
+        folder = self.report_folder(trainer)
+        text = json.dumps(splits.to_json())
+        atomic_write(folder / "held_out_splits.json", lambda tmp: tmp.write_text(text))
+        rank_zero_info(f"memcurve: {type(self).__name__}: {splits.name} -> {folder / 'held_out_splits.json'}")
+        return Protocol(module, datamodule, splits, self.budget, trainer=trainer)
 
     # -- state (survives ckpt_path= resume) ----------------------------------------------------------------
     @property

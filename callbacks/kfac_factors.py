@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -80,6 +81,7 @@ from memcurve.curvature.memory_plan import MemoryPlan, format_bytes, plan_memory
 from memcurve.curvature.owners import assign_owners, reduce_to_owners
 from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
 from memcurve.curvature.sharded_storage import INDEX_SUFFIX, save_sharded_factors, shard_name
+from memcurve.data.held_out import HeldOutSettings, split_held_out, subset_loader
 from memcurve.utils.arguments import check_choice, check_positive_int
 from memcurve.utils.distributed import comm_device, is_distributed
 
@@ -129,6 +131,10 @@ class KFACFactors(ScheduledAnalysis):
         log_spectra: log eigenvalue histograms, effective ranks and energy concentration to TensorBoard.
         overwrite: replace existing files this callback did not write (another run's); by default they are
             refused in ``setup`` (a resumed run may rewrite the files of the run it resumes).
+        held_out: with ``dataloader="val"``, read only the ``factors`` role of the held-out protocol's split of the
+            validation set (:class:`~memcurve.data.held_out.HeldOutSettings` with ``factor_fraction > 0``; seeded by
+            ``held_out.seed`` or the run's ``seed_everything``), so that the pruning callbacks' selection and test
+            splits (the same settings) never overlap the factor data; they check that the settings agree.
     """
 
     def __init__(
@@ -143,8 +149,19 @@ class KFACFactors(ScheduledAnalysis):
         adapter: FisherAdapter | None = None,
         log_spectra: bool = True,
         overwrite: bool = False,
+        held_out: HeldOutSettings | None = None,
     ) -> None:
         compile_layer_patterns(layers)
+        if held_out is not None:
+            if not isinstance(held_out, HeldOutSettings):
+                raise TypeError(
+                    f"held_out must be a memcurve.data.held_out.HeldOutSettings, not {type(held_out).__name__}"
+                )
+            if dataloader != "val" or held_out.factor_fraction <= 0:
+                raise ValueError(
+                    f"held_out={held_out!r} reads the factor role of the validation set: it needs dataloader='val' "
+                    f"(got {dataloader!r}) and held_out.factor_fraction > 0"
+                )
         if not isinstance(settings, FactorSettings):
             raise TypeError(
                 f"settings must be a memcurve.curvature.FactorSettings (e.g. FactorSettings(position='cls')) or "
@@ -166,6 +183,7 @@ class KFACFactors(ScheduledAnalysis):
                 "<stem>.index.json)"
             )
         self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.held_out = held_out
         self.settings = settings
         self.dataloader = dataloader
         self.when = when
@@ -256,6 +274,11 @@ class KFACFactors(ScheduledAnalysis):
         if callable(self.dataloader):
             return self.dataloader(trainer)
         loader = find_dataloader(trainer, self.dataloader, f"KFACFactors(dataloader={self.dataloader!r})")
+        if self.held_out is not None:
+            seed = self.held_out.seed if self.held_out.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+            splits = split_held_out(len(loader.dataset), self.held_out, seed=seed)
+            loader = subset_loader(loader, splits.indices("factors"))
+            rank_zero_info(f"memcurve: KFACFactors reads the factor role of {splits.name}")
         return sequential_loader(loader, trainer, self.settings.batch_size, self.settings.max_samples)
 
     def output_names(self) -> list[str]:

@@ -20,14 +20,16 @@ Where the factors come from, checked in ``setup`` (before any training step):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 
 from memcurve.callbacks.checkpoint_pruning import CheckpointPruning
 from memcurve.callbacks.kfac_factors import KFACFactors
 from memcurve.curvature.storage import StoredFactors, load_factors
-from memcurve.editing import requests_for
+from memcurve.data.held_out import HeldOutSettings
+from memcurve.editing.auto import Budget
+from memcurve.editing.protocol import strength_requests
 from memcurve.utils.arguments import check_choice
 
 __all__ = ["KFACPruning"]
@@ -54,19 +56,22 @@ class KFACPruning(CheckpointPruning):
         self,
         layers: list[str],
         factors: str = "latest",
-        energy: float | list[float] | None = None,
-        keep_fraction: float | list[float] | None = None,
+        energy: float | list[float] | Literal["auto"] | None = None,
+        keep_fraction: float | list[float] | Literal["auto"] | None = None,
         method: str = "kfac",
         when: str = "fit_end",
         evaluate: bool = True,
         output_dir: str | None = None,
         save_pruned: bool = True,
+        budget: Budget | None = None,
+        held_out: HeldOutSettings | None = None,
     ) -> None:
         check_choice("method", method, METHODS)
         if factors != "latest" and not Path(factors).is_file():
             raise FileNotFoundError(f"factors={factors!r} does not exist; pass a KFACFactors file or 'latest'")
-        super().__init__(layers, when, evaluate, output_dir, save_pruned)
-        self.requests = requests_for(method, self.layers, energy=energy, keep_fraction=keep_fraction)
+        super().__init__(layers, when, evaluate, output_dir, save_pruned, budget, held_out)
+        self.requests = strength_requests(method, self.layers, energy=energy, keep_fraction=keep_fraction)
+        self.check_auto()
         self.factors = factors
         self._stored: StoredFactors | None = None  # a given file, loaded and checked in setup
         self._source: KFACFactors | None = None  # factors="latest": the callback whose files are used
@@ -129,6 +134,12 @@ class KFACPruning(CheckpointPruning):
                 f"to KFACFactors(layers=...) or prune only collected layers"
             )
         source = covering[0]
+        if self.held_out is not None and source.dataloader == "val" and source.held_out != self.held_out:
+            raise ValueError(
+                f"{name}(held_out={self.held_out!r}) scores on the validation set, and its KFACFactors reads it with "
+                f"held_out={source.held_out!r}: the factor data would overlap the selection and test splits; give "
+                "KFACFactors(dataloader='val') the same held_out (with factor_fraction > 0), or dataloader='train'"
+            )
         store = getattr(source.settings, "store", "eigen")
         if store != "eigen":
             raise ValueError(

@@ -7,8 +7,12 @@ top ``keep_fraction`` of the singular directions). Same pipeline, files and repo
 
 from __future__ import annotations
 
+from typing import Literal
+
 from memcurve.callbacks.checkpoint_pruning import CheckpointPruning
-from memcurve.editing import requests_for
+from memcurve.data.held_out import HeldOutSettings
+from memcurve.editing.auto import Budget
+from memcurve.editing.protocol import strength_requests
 
 __all__ = ["SVDPruning"]
 
@@ -27,12 +31,15 @@ class SVDPruning(CheckpointPruning):
     def __init__(
         self,
         layers: list[str],
-        energy: float | list[float] | None = None,
-        keep_fraction: float | list[float] | None = None,
+        energy: float | list[float] | Literal["auto"] | None = None,
+        keep_fraction: float | list[float] | Literal["auto"] | None = None,
         when: str = "fit_end",
         evaluate: bool = True,
         output_dir: str | None = None,
         save_pruned: bool = True,
+        budget: Budget | None = None,
+        held_out: HeldOutSettings | None = None,
     ) -> None:
-        super().__init__(layers, when, evaluate, output_dir, save_pruned)
-        self.requests = requests_for("svd", self.layers, energy=energy, keep_fraction=keep_fraction)
+        super().__init__(layers, when, evaluate, output_dir, save_pruned, budget, held_out)
+        self.requests = strength_requests("svd", self.layers, energy=energy, keep_fraction=keep_fraction)
+        self.check_auto()

@@ -27,6 +27,7 @@ from memcurve.curvature.storage import FactorFileError, StoredFactors, load_fact
 from memcurve.curvature.tracker import select_linear_layers
 from memcurve.editing.methods import BalancedSubnetSettings, apply_edit, check_bsn_module
 from memcurve.editing.outputs import OutputGuard, edited_checkpoint_path, write_edited_checkpoint
+from memcurve.editing.protocol import AutoRequest, Protocol
 from memcurve.editing.report import EditRow
 from memcurve.editing.request import EditRequest
 from memcurve.editing.scoring import Scorer
@@ -116,13 +117,14 @@ def check_requests(
 def edit_checkpoint(
     checkpoint: dict[str, Any],
     source: str | os.PathLike,
-    requests: Sequence[EditRequest],
+    requests: Sequence[EditRequest | AutoRequest],
     *,
     module: nn.Module,
     datamodule: Any = None,
     factors: FactorSource = None,
     bsn: BalancedSubnetSettings | None = None,
     scorer: Scorer | None = None,
+    protocol: Protocol | None = None,
     save: bool = True,
     output_folder: str | os.PathLike | None = None,
     guard: OutputGuard | None = None,
@@ -135,10 +137,23 @@ def edit_checkpoint(
     and the module (:func:`check_factors_match_state_dict`); ``scorer``: scores the unedited and each edited state
     dict (None: no metrics); ``save``: write each edited copy (:func:`~memcurve.editing.outputs.edited_checkpoint_path`,
     under ``output_folder`` if given; ``guard`` says what may be replaced).
+
+    ``protocol`` (:class:`~memcurve.editing.protocol.Protocol`): the held-out protocol. Every row is then also scored
+    on the selection split (``row.selection``), ``scorer`` defaults to the protocol's test scorer, and each
+    :class:`~memcurve.editing.protocol.AutoRequest` becomes the strongest edit within the budget on the selection
+    split (``row.auto``). Fixed strengths are processed first, so their selection scores join the monotonicity
+    check of the auto searches.
     """
     source = Path(source)
     original = checkpoint["state_dict"]
     guard = guard or OutputGuard()
+    if any(isinstance(r, AutoRequest) for r in requests) and (protocol is None or protocol.budget is None):
+        raise ValueError(
+            "an auto strength needs the held-out protocol with a budget (e.g. budget: {max_accuracy_drop: 0.01})"
+        )
+    if protocol is not None and scorer is None:
+        scorer = protocol.test
+    requests = sorted(requests, key=lambda r: isinstance(r, AutoRequest))  # stable: fixed strengths first
     stored = None
     if any(r.method in ("kfac", "kfac-separable") for r in requests):
         if factors is None:
@@ -148,21 +163,36 @@ def edit_checkpoint(
     check_requests(requests, module, stored, datamodule)
     if save:  # every output path before any work: a refused path must not leave earlier copies behind
         for request in requests:
-            guard.check(edited_checkpoint_path(source, request, output_folder), source=source)
+            if isinstance(request, EditRequest):  # an auto strength's path is known once chosen
+                guard.check(edited_checkpoint_path(source, request, output_folder), source=source)
     before = scorer.before(original) if scorer is not None else {}
     rows = []
     for request in requests:
         started = time.perf_counter()
         layer_names = select_linear_layers(module, list(request.layers))
+        auto: dict[str, Any] = {}
+        if isinstance(request, AutoRequest):
+            request, auto = protocol.choose(
+                request, original, layer_names, factors=stored, module=module, datamodule=datamodule, bsn=bsn, log=log
+            )
         result = apply_edit(
             request, original, layer_names, factors=stored, module=module, datamodule=datamodule, bsn=bsn
         )
         seconds = time.perf_counter() - started
+        selection: dict[str, Any] = {}
+        if protocol is not None:
+            kind, value = request.strength
+            remembered = protocol.measured.get((request.method, request.layers, kind), {}).get(value)
+            scores = remembered or protocol.score_selection(request, result.state_dict, original)
+            selection = protocol.selection_record(scores, original)
         path = None
         if save:
             path = edited_checkpoint_path(source, request, output_folder)
             write_edited_checkpoint(path, checkpoint, result.state_dict, request, source, layer_names, guard)
         after = scorer(result.state_dict, original) if scorer is not None else {}
+        if protocol is not None and protocol.budget is not None and scorer is protocol.test:
+            metric = protocol.budget.metric
+            selection["test_cost"] = protocol.budget.cost(before.get(metric, math.nan), after.get(metric, math.nan))
         edits = result.layers.values()
         kept, total = sum(e.kept_pairs for e in edits), sum(e.total_pairs for e in edits)
         change = math.sqrt(sum(e.change_norm**2 for e in edits))
@@ -184,6 +214,8 @@ def edit_checkpoint(
             seconds=seconds,
             before=dict(before),
             after=after,
+            selection=selection,
+            auto=auto,
         )
         rows.append(row)
         if result.history:

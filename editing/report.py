@@ -66,6 +66,8 @@ class EditRow:
     seconds: float
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)  # held-out protocol: the selection split's scores
+    auto: dict[str, Any] = field(default_factory=dict)  # an auto strength: budget, chosen value, the search
 
     @property
     def setting(self) -> str:
@@ -76,13 +78,23 @@ class EditRow:
         return "–"
 
     @property
+    def kind(self) -> str:
+        """``energy``, ``keep_fraction`` or ``ratio``."""
+        return next(k for k in ("energy", "keep_fraction", "ratio") if getattr(self, k) is not None)
+
+    @property
     def strength(self) -> float:
         return next(v for v in (self.energy, self.keep_fraction, self.ratio) if v is not None)
 
     def flat(self) -> dict[str, Any]:
-        row = {k: v for k, v in asdict(self).items() if k not in ("before", "after", "layers", "layer_names")}
+        skip = ("before", "after", "layers", "layer_names", "selection", "auto")
+        row = {k: v for k, v in asdict(self).items() if k not in skip}
         row["layers"] = " ".join(self.layers)
         row["layer_names"] = " ".join(self.layer_names)
+        for key, value in self.selection.items():
+            row[f"selection {key}"] = value
+        for key, value in self.auto.items():
+            row[f"auto {key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
         for key in sorted(set(self.before) | set(self.after)):
             row[f"before {key}"] = self.before.get(key, math.nan)
             row[f"after {key}"] = self.after.get(key, math.nan)
@@ -124,21 +136,28 @@ def report_columns(rows: Sequence[EditRow], module: Any = None) -> list[tuple[st
 
 def markdown_table(rows: Sequence[EditRow], columns: Sequence[tuple[str, str]]) -> str:
     """One line for the unedited weights (when scored), one per edit: layers, method, setting, kept, change, metrics."""
-    header = ["layers", "method", "setting", "kept", "rel. change", *(name for _, name in columns)]
+    costs = any("cost" in row.selection for row in rows)  # the held-out protocol: selection and test costs
+    header = ["layers", "method", "setting", "kept", "rel. change"]
+    header += ["selection cost", "test cost"] if costs else []
+    header += [name for _, name in columns]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     if rows and rows[0].before:
-        cells = ["–", "unedited", "–", "100%", "0"] + [f"{rows[0].before.get(k, math.nan):.3f}" for k, _ in columns]
+        cells = ["–", "unedited", "–", "100%", "0"] + (["–", "–"] if costs else [])
+        cells += [f"{rows[0].before.get(k, math.nan):.3f}" for k, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     for row in rows:
-        cells = [
-            " ".join(row.layers),
-            row.method,
-            row.setting,
-            f"{row.kept_fraction:.4%}",
-            f"{row.relative_change:.3f}",
-            *(f"{row.after.get(key, math.nan):.3f}" for key, _ in columns),
-        ]
+        setting = row.setting
+        if row.auto:
+            within = "" if row.auto.get("within", True) else ", none within"
+            setting = f"{row.kind.replace('_', ' ')} auto = {row.strength:.4g} ({row.auto['budget']}{within})"
+        cells = [" ".join(row.layers), row.method, setting, f"{row.kept_fraction:.4%}", f"{row.relative_change:.3f}"]
+        if costs:
+            cells += [f"{row.selection.get('cost', math.nan):.4f}", f"{row.selection.get('test_cost', math.nan):.4f}"]
+        cells += [f"{row.after.get(key, math.nan):.3f}" for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    split = next((row.selection["split"] for row in rows if row.selection.get("split")), None)
+    if split:
+        lines += ["", f"Costs: the budget's metric, edited vs unedited, on each split of the {split}."]
     return "\n".join(lines)
 
 

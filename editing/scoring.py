@@ -214,20 +214,42 @@ class Scorer:
     Args:
         module: the LightningModule (the live one is fine: it is copied, never modified).
         datamodule: the run's DataModule (``evaluation_metrics``' argument; validation data when there is no
-            running ``trainer``).
-        trainer: the live Trainer, if any: its validation data, device, precision and limits are used.
+            running ``trainer``; lent to the scoring Trainer). With ``loaders``, None lends no DataModule at all.
+        trainer: the live Trainer, if any: its device, precision and limits are used (and its validation data
+            unless ``loaders`` are given).
+        loaders: score on exactly these loaders through the module's validation loop, even if it defines
+            ``evaluation_metrics`` — how the held-out protocol scores one split (``selection`` sees nothing else).
     """
 
-    def __init__(self, module: nn.Module, datamodule: Any = None, trainer: pl.Trainer | None = None) -> None:
-        if datamodule is None and trainer is not None:
+    def __init__(
+        self,
+        module: nn.Module,
+        datamodule: Any = None,
+        trainer: pl.Trainer | None = None,
+        *,
+        loaders: Sequence[Any] | None = None,
+    ) -> None:
+        if datamodule is None and trainer is not None and loaders is None:
             datamodule = trainer.datamodule
-        check_scorable(module, trainer=trainer, datamodule=datamodule)
+        if loaders is not None:  # these loaders, through the validation loop, whatever else the module offers
+            if not isinstance(module, pl.LightningModule) or not is_overridden("validation_step", module):
+                raise TypeError(
+                    f"scoring {type(module).__name__} on given loaders (a held-out split) runs its validation loop, "
+                    "but it has no validation_step; define one that logs the budget's metric"
+                )
+            if not loaders:
+                raise ValueError("scoring on given loaders needs at least one loader")
+        else:
+            check_scorable(module, trainer=trainer, datamodule=datamodule)
         with torch.inference_mode(False):  # a copy made in a validation hook must not hold inference tensors
             self.module = copy.deepcopy(module)
+        if hasattr(self.module, "_metric_attributes"):
+            # Lightning caches id(metric) -> attribute name during fit; the copy's metrics have other ids.
+            self.module._metric_attributes = None
         self.datamodule = datamodule
         self.trainer = trainer
-        self.by_validation = scores_by_validation(module)
-        self._loaders: list[Any] | None = None
+        self.by_validation = loaders is not None or scores_by_validation(module)
+        self._loaders: list[Any] | None = list(loaders) if loaders is not None else None
         if self.by_validation:
             self.module.configure_callbacks = lambda: []  # the scoring Trainer runs no callback of the module's
             _unsynced(self.module)

@@ -128,7 +128,10 @@ class NoisyLabelClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         every_n = self.hparams.memorization_eval_every_n_epochs
-        if every_n and stage in ("fit", "validate"):
+        # validate() on given loaders (a held-out split, someone's own loader) scores them alone, without the mem/
+        # pass; a fit, or a validate of a DataModule, without the memorized set is a mistake worth stopping.
+        plain_validation = stage == "validate" and datamodule is None
+        if every_n and stage in ("fit", "validate") and not plain_validation:
             check_memorization_datamodule(
                 datamodule,
                 f"NoisyLabelClassifier with memorization_eval_every_n_epochs={every_n}",
@@ -186,6 +189,9 @@ class NoisyLabelClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """The ``mem/`` pass over the training set, when due (:func:`memcurve.metrics.memorization_due`)."""
         every_n = self.hparams.memorization_eval_every_n_epochs
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not callable(getattr(datamodule, "memorization_dataloader", None)):
+            return  # plain loaders (or a held-out split scored alone): no memorized set to measure
         if every_n and memorization_due(self.trainer, every_n):
             log_memorization(self, self.trainer)
 

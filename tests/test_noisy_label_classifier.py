@@ -186,4 +186,13 @@ def test_memorization_eval_needs_a_noisy_label_datamodule(tmp_path, tiny_vit_kwa
         MemorizationEval(every_n_epochs=0)
     plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8)))
     with pytest.raises(ValueError, match="needs a datamodule with a memorization_dataloader"):
-        trainer(tmp_path).validate(tiny_model(tiny_vit_kwargs), dataloaders=plain, verbose=False)
+        trainer(tmp_path).fit(tiny_model(tiny_vit_kwargs), train_dataloaders=plain, val_dataloaders=plain)
+
+
+def test_validate_on_given_loaders_scores_them_without_the_memorization_pass(tmp_path, tiny_vit_kwargs):
+    """How a held-out split is scored: validate(dataloaders=...) logs val/ only and reads no memorized set."""
+    images, labels = torch.randn(12, 1, 8, 8), torch.randint(0, 10, (12,))
+    dataset = [{"image": x, "label": y} for x, y in zip(images, labels)]
+    plain = torch.utils.data.DataLoader(dataset, batch_size=4)
+    results = trainer(tmp_path).validate(tiny_model(tiny_vit_kwargs), dataloaders=plain, verbose=False)[0]
+    assert "val/acc" in results and not any(key.startswith("mem/") for key in results)

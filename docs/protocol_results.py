@@ -1,0 +1,118 @@
+"""Regenerate the README's protocol results from the sweeps' outputs (``make protocol`` runs this last).
+
+    python docs/protocol_results.py [--sweeps runs/protocol/sweeps] [--readme README.md]
+
+Reads each ``<sweeps>/<name>/{sweep_meta.json,budgets.json,budgets.md,sweep.png}`` written by ``memcurve sweep``,
+copies the figure to ``docs/protocol_<name>.png`` and replaces the text between the README's
+``<!-- protocol-results:begin -->`` and ``<!-- protocol-results:end -->`` markers (nothing else is touched; a README
+without the markers is refused). Every number it writes comes from those files and names its seeds and budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+BEGIN, END = "<!-- protocol-results:begin -->", "<!-- protocol-results:end -->"
+SWEEPS = ("vit_digits_augmented", "olmo2_tiny_canaries")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mean(record: dict, key: str) -> float:
+    value = record.get(key)
+    return float(value[0]) if isinstance(value, list) else math.nan
+
+
+def _goal_lines(name: str, meta: dict, records: list[dict]) -> list[str]:
+    """The issue's goals, checked on the budget table (mean over seeds)."""
+    memorization = meta["memorization_metric"]
+    base = _mean(records[0], memorization)
+    by = {(r["method"], r.get("budget_limit")): r for r in records[1:]}
+    seeds = ", ".join(map(str, meta["seeds"]))
+    lines = []
+    limits = meta["budgets"]
+    if name.startswith("vit"):
+        kfac = by.get(("kfac", 0.01))
+        if kfac:
+            mem, cost = _mean(kfac, memorization), _mean(kfac, "test_cost")
+            met = mem <= 0.10 * base and cost <= 0.01
+            lines.append(
+                f"- Goal (K-FAC at a 1-point budget removes ≥ 90% of memorization, test accuracy ≥ base − 1 point), "
+                f"seeds {seeds}: mem {base:.3f} → {mem:.3f} ({1 - mem / base:.0%} removed), test cost "
+                f"{100 * cost:.1f} points: **{'met' if met else 'not met'}**."
+            )
+    else:
+        kfac = by.get(("kfac", 1.1))
+        if kfac:
+            mem, ndcg = _mean(kfac, memorization), _mean(kfac, "val/ndcg@10")
+            control = _mean(kfac, "control/strict")
+            met = mem <= 0.10 and ndcg >= 0.9 and control == 0
+            lines.append(
+                f"- Goal (at 1.10× perplexity: strict ≤ 0.10, nDCG@10 ≥ 0.9, controls 0), seeds {seeds}: strict "
+                f"{mem:.3f}, nDCG@10 {ndcg:.3f}, control strict {control:.3f}: **{'met' if met else 'not met'}**."
+            )
+    for other in ("svd", "bsn", "kfac-separable"):
+        below = [
+            limit
+            for limit in limits
+            if ("kfac", limit) in by
+            and (other, limit) in by
+            and _mean(by[("kfac", limit)], memorization) < _mean(by[(other, limit)], memorization)
+        ]
+        compared = [limit for limit in limits if ("kfac", limit) in by and (other, limit) in by]
+        if compared:
+            lines.append(
+                f"- K-FAC kronecker below {other} (mean memorization, seeds {seeds}) at {len(below)} of "
+                f"{len(compared)} budgets ({', '.join(f'{limit:g}' for limit in compared)})."
+            )
+    return lines
+
+
+def section(sweeps: Path) -> str:
+    parts = []
+    for name in SWEEPS:
+        folder = sweeps / name
+        if not (folder / "sweep_meta.json").is_file():
+            raise FileNotFoundError(f"{folder}/sweep_meta.json is missing: run `make protocol` first")
+        meta = json.loads((folder / "sweep_meta.json").read_text())
+        records = json.loads((folder / "budgets.json").read_text())
+        figure = ROOT / "docs" / f"protocol_{name}.png"
+        shutil.copyfile(folder / "sweep.png", figure)
+        config = f"configs/protocol/{name}_sweep.yaml"
+        parts += [
+            f"#### {meta['title']}",
+            "",
+            f"`memcurve sweep --config {config}` — seeds {', '.join(map(str, meta['seeds']))}, budgets on "
+            f"`{meta['budget_metric']}` ({', '.join(f'{b:g}' for b in meta['budgets'])}), sweep wall time "
+            f"{meta['seconds'] / 60:.1f} min on 2 CPU cores (training not included).",
+            "",
+            (folder / "budgets.md").read_text().strip(),
+            "",
+            *_goal_lines(name, meta, records),
+            "",
+            f"![{name}](docs/protocol_{name}.png)",
+            "",
+        ]
+    return "\n".join(parts).strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweeps", default=str(ROOT / "runs" / "protocol" / "sweeps"))
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = parser.parse_args()
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers; add them where the results go")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{section(Path(args.sweeps))}\n{END}{tail}")
+    print(f"protocol results written to {readme}")
+
+
+if __name__ == "__main__":
+    main()

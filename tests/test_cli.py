@@ -21,6 +21,7 @@ from memcurve.editing import EDIT_KEY
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 DIGITS = CONFIGS / "vit_digits_noisy.yaml"
+SWEEP = CONFIGS / "protocol" / "vit_digits_augmented_sweep.yaml"
 TINY_VIT = {"img_size": 8, "in_chans": 1, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}
 FC2 = "[model.blocks.*.mlp.fc2]"
 UP_PROJ = "[model.model.layers.*.mlp.up_proj]"
@@ -52,7 +53,8 @@ def test_memcurve_help_lists_every_subcommand():
         [sys.executable, "-m", "memcurve.cli", "--help"], capture_output=True, text=True, check=True, timeout=120
     )
     listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].splitlines() if line.startswith("  ")]
-    assert listed == list(COMMANDS) == ["fit", "validate", "test", "factors", "probe", "prune", "compare", "edit"]
+    expected = ["fit", "validate", "test", "factors", "probe", "prune", "compare", "sweep", "edit"]
+    assert listed == list(COMMANDS) == expected
 
 
 def test_unknown_subcommand_is_refused(capsys):
@@ -72,6 +74,7 @@ PRINT_CONFIG = [
     ("probe", ["--config", str(DIGITS), "--factors", "kfac.safetensors", "--bands", "[0.2]"], "factors: kfac"),
     ("prune", ["--config", str(DIGITS), "--method", "[kfac, svd]", "--energy", "[0.6]"], "- svd"),
     ("compare", ["--config", str(DIGITS), "--edits", "[{method: bsn, layers: [x], ratio: [0.1]}]"], "method: bsn"),
+    ("sweep", ["--config", str(SWEEP), "--seeds", "[3, 4]"], "- 4"),
     ("edit", ["--source", "in.ckpt", "--output", "out.ckpt", "--layers", FC2, "--energy", "0.6"], "energy: 0.6"),
 ]
 
@@ -79,7 +82,7 @@ PRINT_CONFIG = [
 @pytest.mark.parametrize(
     ("command", "arguments", "expected"),
     PRINT_CONFIG,
-    ids=["fit", "validate", "test", "factors", "factors-hf", "probe", "prune", "compare", "edit"],
+    ids=["fit", "validate", "test", "factors", "factors-hf", "probe", "prune", "compare", "sweep", "edit"],
 )
 def test_every_subcommand_prints_its_config(command, arguments, expected, capsys, tmp_path, monkeypatch):
     """Through the console entry point (``main`` reads ``sys.argv``), without Lightning's args-and-argv warning."""
@@ -119,6 +122,7 @@ def test_every_subcommand_has_help(command, capsys):
         "probe": "--bands",
         "prune": "--bsn.epochs",
         "compare": "--edits",
+        "sweep": "--budgets.max_accuracy_drop",
         "edit": "--overwrite",
     }
     assert flags.get(command, "--trainer.max_epochs") in printed

@@ -142,3 +142,47 @@ def test_counts_in_configs_stay_integers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = instantiate(DIGITS)
     assert cli.datamodule.val_size == 297 and isinstance(cli.datamodule.val_size, int)
+
+
+# -- the held-out protocol's configs: run configs (one per seed) and the sweeps over them ---------------------------
+PROTOCOL = Path(__file__).parents[1] / "configs" / "protocol"
+PROTOCOL_SWEEPS = sorted(PROTOCOL.glob("*_sweep.yaml"))
+PROTOCOL_RUNS = sorted(set(PROTOCOL.glob("*.yaml")) - set(PROTOCOL_SWEEPS))
+
+
+def test_every_protocol_run_has_a_sweep():
+    runs = {yaml.safe_load(path.read_text())["run_config"] for path in PROTOCOL_SWEEPS}
+    assert runs == {f"configs/protocol/{path.name}" for path in PROTOCOL_RUNS} and len(PROTOCOL_SWEEPS) == 3
+
+
+@pytest.mark.parametrize("config", PROTOCOL_RUNS, ids=[path.stem for path in PROTOCOL_RUNS])
+def test_protocol_run_config_instantiates_per_seed(config, tmp_path, monkeypatch):
+    """Training only (the sweep analyses), last.ckpt only (no checkpoint chosen on held-out data), one seed → the
+    data seed, the global seed and the run folder."""
+    from memcurve.cli import DEFAULT_SEED_OVERRIDES, _run_cli
+
+    monkeypatch.chdir(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    kinds = [callback["class_path"].rsplit(".", 1)[-1] for callback in settings["trainer"]["callbacks"]]
+    assert kinds == ["ModelCheckpoint", "LearningRateMonitor"]
+    assert settings["trainer"]["callbacks"][0]["init_args"]["save_top_k"] == 0
+    cli = _run_cli(
+        "sweep", lambda parser: None, ["--config", str(config), *(o.format(seed=2) for o in DEFAULT_SEED_OVERRIDES)]
+    )
+    assert cli.config["seed_everything"] == 2 and cli.datamodule.seed == 2
+    assert cli.config["trainer"]["logger"]["init_args"]["version"] == "seed2"
+
+
+@pytest.mark.parametrize("sweep", PROTOCOL_SWEEPS, ids=[path.stem for path in PROTOCOL_SWEEPS])
+def test_protocol_sweep_config_parses(sweep, capsys, monkeypatch):
+    from memcurve.cli import BudgetGrid, EditSpec
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    with pytest.raises(SystemExit):
+        run(["sweep", "--config", str(sweep), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert Path(printed["run_config"]).is_file() and printed["seeds"] == [0, 1, 2]
+    assert "{seed}" in printed["checkpoints"] and printed["output_dir"].startswith("runs/protocol/sweeps/")
+    assert len(BudgetGrid(**printed["budgets"]).budgets()) == 3
+    specs = [EditSpec(**edit) for edit in printed["edits"]]
+    assert {spec.method for spec in specs} >= {"kfac", "svd"} and all(spec.requests() for spec in specs)

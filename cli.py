@@ -682,8 +682,8 @@ def _sweep_factors(
         limit_val_batches=1,
         callbacks=[callback],
     )
-    # One validation batch of the test split only carries the callback (its scores are discarded).
-    trainer.validate(module, dataloaders=subset_loader(validation, splits.indices("test")[:1]), verbose=False)
+    # One validation batch (an example of the factor data itself; its scores are discarded) carries the callback.
+    trainer.validate(module, dataloaders=subset_loader(loader, [0]), verbose=False)
     return path
 
 

@@ -368,15 +368,16 @@ class CheckpointPruning(pl.Callback):
 
     def protocol(self, trainer: pl.Trainer, module: pl.LightningModule) -> Protocol:
         """The held-out protocol of this run: its validation set split by ``held_out`` (seeded by ``held_out.seed``
-        or the run's ``seed_everything``), saved as ``held_out_splits.json`` in the report folder."""
+        or the run's ``seed_everything``), saved as ``held_out_splits-<sha256[:8]>.json`` in the report folder (a
+        name per split: an earlier run's split in the same folder is never replaced)."""
         datamodule = trainer.datamodule
         size = len(single_validation_loader(module, datamodule, trainer).dataset)
         seed = self.held_out.seed if self.held_out.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         splits = split_held_out(size, self.held_out, seed=seed)
-        folder = self.report_folder(trainer)
+        path = self.report_folder(trainer) / f"held_out_splits-{splits.sha256[:8]}.json"
         text = json.dumps(splits.to_json())
-        atomic_write(folder / "held_out_splits.json", lambda tmp: tmp.write_text(text))
-        rank_zero_info(f"memcurve: {type(self).__name__}: {splits.name} -> {folder / 'held_out_splits.json'}")
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+        rank_zero_info(f"memcurve: {type(self).__name__}: {splits.name} -> {path}")
         return Protocol(module, datamodule, splits, self.budget, trainer=trainer)
 
     # -- state (survives ckpt_path= resume) ----------------------------------------------------------------

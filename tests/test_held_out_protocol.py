@@ -749,8 +749,11 @@ def test_pruning_callbacks_choose_auto_strengths_at_fit_end(tmp_path):
     )
     trainer.fit(model, datamodule=NoisyLabelDataModule(**DATA))
     folder = Path(trainer.log_dir) / "pruning"
-    splits = HeldOutSplits.from_json(json.loads((folder / "held_out_splits.json").read_text()))
-    assert splits.to_json() == split_held_out(120, held_out).to_json()
+    expected = split_held_out(120, held_out)
+    written = list(folder.glob("held_out_splits-*.json"))
+    assert [path.name for path in written] == [f"held_out_splits-{expected.sha256[:8]}.json"]  # a name per split
+    splits = HeldOutSplits.from_json(json.loads(written[0].read_text()))
+    assert splits.to_json() == expected.to_json()
     records = json.loads((folder / "pruning_report.json").read_text())
     assert [record["method"] for record in records] == ["kfac", "svd"]
     for record, callback in zip(records, pruning):

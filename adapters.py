@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from memcurve.utils.sampling import unpadded_shard_sampler
+from memcurve.utils.sampling import loader_like, unpadded_shard_sampler
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -421,15 +421,7 @@ def sequential_loader(
         return loader
     if max_samples is not None and len(dataset) > max_samples:
         dataset = Subset(dataset, range(max_samples))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size or loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1,
-        sampler=unpadded_shard_sampler(dataset, trainer),
-        shuffle=False,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
+    return loader_like(loader, dataset, batch_size, unpadded_shard_sampler(dataset, trainer))
 
 
 def sample_batch(loader: DataLoader) -> Any | None:

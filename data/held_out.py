@@ -27,6 +27,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Subset
 
 from memcurve.utils.arguments import check_int
+from memcurve.utils.sampling import loader_like
 
 __all__ = [
     "ROLES",
@@ -168,15 +169,7 @@ def subset_loader(loader: DataLoader, indices: Sequence[int]) -> DataLoader:
             f"a held-out split needs a map-style dataset (with __len__ and __getitem__); "
             f"{type(loader.dataset).__name__} is not one"
         )
-    return DataLoader(
-        Subset(loader.dataset, list(indices)),
-        batch_size=loader.batch_size or 1,
-        shuffle=False,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=False,
-    )
+    return loader_like(loader, Subset(loader.dataset, list(indices)))
 
 
 class HeldOutView:

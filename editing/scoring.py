@@ -47,6 +47,8 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from memcurve.utils.sampling import loader_like
+
 __all__ = ["Scorer", "check_scorable", "scores_by_validation", "validation_dataloaders"]
 
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")  # passed on to the copy
@@ -133,16 +135,7 @@ def _unsharded(loader: Any) -> Any:
     """``loader`` without a ``DistributedSampler`` (what Lightning injects under DDP): the whole set, in order."""
     if not isinstance(loader, DataLoader) or not isinstance(getattr(loader, "sampler", None), DistributedSampler):
         return loader
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size or 1,
-        shuffle=False,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=False,
-        persistent_workers=loader.persistent_workers,
-    )
+    return loader_like(loader, loader.dataset)
 
 
 @contextlib.contextmanager

@@ -5,9 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ["UnpaddedDistributedSampler", "unpadded_shard_sampler"]
+__all__ = ["UnpaddedDistributedSampler", "loader_like", "unpadded_shard_sampler"]
+
+
+def loader_like(
+    loader: DataLoader, dataset: Dataset, batch_size: int | None = None, sampler: Sampler | None = None
+) -> DataLoader:
+    """``dataset`` read in order the way ``loader`` reads its own: its batch size (or ``batch_size``), workers,
+    collate function and pinning; never shuffled, no batch dropped (``sampler``: e.g. one rank's shard)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=False,
+        persistent_workers=loader.persistent_workers,
+    )
 
 
 class UnpaddedDistributedSampler(DistributedSampler):

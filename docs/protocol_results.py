@@ -71,21 +71,28 @@ def _goal_lines(name: str, meta: dict, records: list[dict]) -> list[str]:
     return lines
 
 
+def _seed_note(meta: dict) -> str:
+    """The sweep configs name seeds 0-2; a run restricted to fewer says so (``--seeds``)."""
+    return "" if meta["seeds"] == [0, 1, 2] else f" --seeds '{meta['seeds']}'"
+
+
 def section(sweeps: Path) -> str:
     parts = []
     for name in SWEEPS:
         folder = sweeps / name
+        config = f"configs/protocol/{name}_sweep.yaml"
         if not (folder / "sweep_meta.json").is_file():
-            raise FileNotFoundError(f"{folder}/sweep_meta.json is missing: run `make protocol` first")
+            parts += [f"#### `{name}`", "", f"Not measured yet: `memcurve sweep --config {config}`.", ""]
+            continue
         meta = json.loads((folder / "sweep_meta.json").read_text())
         records = json.loads((folder / "budgets.json").read_text())
         figure = ROOT / "docs" / f"protocol_{name}.png"
         shutil.copyfile(folder / "sweep.png", figure)
-        config = f"configs/protocol/{name}_sweep.yaml"
         parts += [
             f"#### {meta['title']}",
             "",
-            f"`memcurve sweep --config {config}` — seeds {', '.join(map(str, meta['seeds']))}, budgets on "
+            f"`memcurve sweep --config {config}`{_seed_note(meta)} — seeds "
+            f"{', '.join(map(str, meta['seeds']))}, budgets on "
             f"`{meta['budget_metric']}` ({', '.join(f'{b:g}' for b in meta['budgets'])}), sweep wall time "
             f"{meta['seconds'] / 60:.1f} min on 2 CPU cores (training not included).",
             "",

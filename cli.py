@@ -573,6 +573,7 @@ def sweep(
     overrides = DEFAULT_SEED_OVERRIDES if seed_overrides is None else seed_overrides
     rows_by_seed: dict[int, list[EditRow]] = {}
     split_names: dict[int, str] = {}
+    training_seconds = 0.0
     module = None
     for seed in seeds if seeds is not None else [None]:
         seed_argv = [o.format(seed=seed) for o in overrides] if seed is not None else []
@@ -583,7 +584,9 @@ def sweep(
                     f"--checkpoints: {ckpt!r} does not exist (pass --train_missing true to train it)"
                 )
             print(f"memcurve sweep: training seed {seed}: memcurve fit --config {run_config} {' '.join(seed_argv)}")
+            training_started = time.perf_counter()
             run_trainer_command(["fit", "--config", run_config, *seed_argv])
+            training_seconds += time.perf_counter() - training_started
             if not Path(ckpt).is_file():
                 raise FileNotFoundError(f"--checkpoints: training seed {seed} did not write {ckpt!r}")
         cli = _run_cli("sweep", lambda parser: None, ["--config", run_config, *seed_argv])
@@ -631,7 +634,8 @@ def sweep(
         "budget_metric": budget_list[0].metric,
         "budget_kind": budget_list[0].kind,
         "budgets": [budget.limit for budget in budget_list],
-        "seconds": seconds,
+        "seconds": seconds - training_seconds,  # the sweep itself
+        "training_seconds": training_seconds,  # seeds it trained first (train_missing)
         "title": title or Path(run_config).stem,
     }
     _write_sweep(output, rows_by_seed, budget_list, memorization, module, meta)

@@ -94,7 +94,7 @@ def section(sweeps: Path) -> str:
             f"`memcurve sweep --config {config}`{_seed_note(meta)} — seeds "
             f"{', '.join(map(str, meta['seeds']))}, budgets on "
             f"`{meta['budget_metric']}` ({', '.join(f'{b:g}' for b in meta['budgets'])}), sweep wall time "
-            f"{meta['seconds'] / 60:.1f} min on 2 CPU cores (training not included).",
+            f"{meta['seconds'] / 60:.1f} min on 2 CPU cores (training the seeds not included).",
             "",
             (folder / "budgets.md").read_text().strip(),
             "",

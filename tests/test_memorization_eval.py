@@ -107,7 +107,8 @@ def test_a_datamodule_without_a_memorization_pass_is_an_error(tmp_path, tiny_vit
     plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8)))
     module = NoisyLabelClassifier(model_kwargs=tiny_vit_kwargs)
     with pytest.raises(ValueError, match=r"memorization_eval_every_n_epochs=1 needs a datamodule .*=0 to turn"):
-        trainer(tmp_path).validate(module, dataloaders=plain, verbose=False)
+        trainer(tmp_path).fit(module, train_dataloaders=plain, val_dataloaders=plain)
+    # validate() on given loaders scores just them (how a held-out split is scored): no error, no mem/ pass.
     with pytest.raises(ValueError, match="MemorizationEval needs a datamodule with a memorization_dataloader"):
         trainer(tmp_path, callbacks=[MemorizationEval()]).validate(
             PlainClassifier(module.model), dataloaders=plain, verbose=False

@@ -34,9 +34,10 @@ demo: demo-vit demo-lm
 
 demo-vit: venv
 	$(VENV)/bin/memcurve fit --config $(DEMO_CONFIG)
-	@echo "memcurve demo: this ViT memorizes every noised label, also in its first blocks (the hard case): at a 1-point"
-	@echo "  budget the edit removes little. README 'Results' has the held-out protocol over 3 seeds of the augmented"
-	@echo "  ViT (make protocol), where memorization is partial as in the paper's ViT-B, and what K-FAC removes there."
+	@echo "memcurve demo: this ViT memorizes every noised label, also in its first blocks (the hard case): within a"
+	@echo "  1-point budget on half the validation images the edit removes little, and the other half disagrees by"
+	@echo "  points. README 'Results' has the held-out protocol over 3 seeds of the augmented ViT (make protocol),"
+	@echo "  where K-FAC removes most memorization while test accuracy rises, and where it falls short."
 
 demo-lm: venv
 	$(VENV)/bin/memcurve fit --config $(DEMO_LM_CONFIG)

@@ -91,7 +91,7 @@ def section(sweeps: Path) -> str:
         parts += [
             f"#### {meta['title']}",
             "",
-            f"`memcurve sweep --config {config}`{_seed_note(meta)} — seeds "
+            f"`memcurve sweep --config {config}{_seed_note(meta)}` — seeds "
             f"{', '.join(map(str, meta['seeds']))}, budgets on "
             f"`{meta['budget_metric']}` ({', '.join(f'{b:g}' for b in meta['budgets'])}), sweep wall time "
             f"{meta['seconds'] / 60:.1f} min on 2 CPU cores (training the seeds not included).",

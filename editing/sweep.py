@@ -194,8 +194,10 @@ def plot_sweep(rows_by_seed: Mapping[int, Sequence[EditRow]], budgets: Sequence[
     scale = 100.0 if budget.kind == "drop" else 1.0
     for index, (method, layers) in enumerate(groups):
         color = f"C{index}"
+        # The curve runs through the grid strengths from the weakest edit to the strongest (costs need not be
+        # monotone in the strength); the band is the polygon of ± one sd over seeds along it.
         points = [c for c in curves if (c["method"], c["layers"]) == (method, layers)]
-        points.sort(key=lambda c: c["test_cost"][0])
+        points.sort(key=lambda c: c["strength"], reverse=points[0]["kind"] != "ratio")
         xs = [c["test_cost"][0] * scale for c in points]
         xerr = [c["test_cost"][1] * scale for c in points]
         ys = [c[memorization][0] for c in points]
@@ -204,9 +206,9 @@ def plot_sweep(rows_by_seed: Mapping[int, Sequence[EditRow]], budgets: Sequence[
         axis.errorbar(
             xs, ys, xerr=xerr, fmt="-o", color=color, markersize=3, linewidth=1.2, elinewidth=0.6, label=label
         )
-        axis.fill_between(
-            xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)], color=color, alpha=0.15
-        )
+        upper = [y + sd for y, sd in zip(ys, sds)]
+        lower = [y - sd for y, sd in zip(ys, sds)]
+        axis.fill(xs + xs[::-1], upper + lower[::-1], color=color, alpha=0.12, linewidth=0)
         for record in autos:
             if (record["method"], record["layers"]) == (method, layers):
                 axis.plot(record["test_cost"][0] * scale, record[memorization][0], "*", color=color, markersize=11)

@@ -17,3 +17,13 @@ TINY_VIT_KWARGS = {"img_size": 8, "in_chans": 1, "patch_size": 2, "embed_dim": 3
 @pytest.fixture
 def tiny_vit_kwargs() -> dict:
     return dict(TINY_VIT_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tensors in these tests are tiny: one intra-op thread avoids oversubscription on a busy 2-core machine
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,13 +37,7 @@ LAYERS = ["0", "2"]
 MASKED = ["model.blocks.*.mlp.fc1", "model.blocks.*.mlp.fc2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread avoids oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # -- a tiny problem: an MLP that memorized 24 flipped labels among 240 linearly separable points --------------------

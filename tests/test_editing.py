@@ -63,13 +63,7 @@ EDITED = ["fc1", "fc2"]  # the edited layers; "head" is never touched
 CURVATURE_METHOD = {"kfac": "kronecker", "kfac-separable": "separable", "svd": "svd"}  # reference, written out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread avoids oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # -- a tiny plain LightningModule and its data ----------------------------------------------------------------------

@@ -49,13 +49,7 @@ def quiet(_: str) -> None:
     """The pipeline's log: silent here."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread avoids oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # -- 1. auto maths ------------------------------------------------------------------------------------------------

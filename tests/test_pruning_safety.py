@@ -46,13 +46,7 @@ CONFIG = Path(__file__).parents[1] / "configs" / "vit_digits_noisy.yaml"
 VIT_LAYERS = ["model.blocks.*.mlp.fc1", "model.blocks.*.mlp.fc2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread avoids oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # -- a foreign module and its data -----------------------------------------------------------------------------------

@@ -409,7 +409,7 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
     if budget is not None or held_out is not None:
         held_out = held_out or HeldOutSettings()
         splits = split_held_out(held_out_size(datamodule), held_out, seed=_run_seed(cli.config))
-        _write_splits(output_dir / "held_out_splits.json", splits, config["overwrite"])
+        splits.save(output_dir / "held_out_splits.json", config["overwrite"], "--output_dir")
         protocol = Protocol(module, datamodule, splits, budget, trainer=cli.trainer, auto=config["auto"])
         print(f"memcurve {command}: {splits.name} -> {output_dir / 'held_out_splits.json'}")
     rows = edit_checkpoint(
@@ -451,20 +451,6 @@ def _run_seed(config: Any) -> int:
             "integer in the run config or give --held_out.seed"
         )
     return seed
-
-
-def _write_splits(path: Path, splits: HeldOutSplits, overwrite: bool) -> None:
-    """Save the split beside the report; an existing different split is refused (its reports would lie)."""
-    text = json.dumps(splits.to_json())
-    if path.is_file() and not overwrite:
-        saved = HeldOutSplits.from_json(json.loads(path.read_text()))
-        if saved.sha256 != splits.sha256:
-            raise FileExistsError(
-                f"{path} holds another held-out split ({saved.name}) than this run's ({splits.name}); choose another "
-                "--output_dir or pass --overwrite true"
-            )
-        return
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # -- sweep: curves over seeds under the held-out protocol ----------------------------------------------------------
@@ -597,7 +583,7 @@ def sweep(
         folder = output / f"seed{key}"
         folder.mkdir(parents=True, exist_ok=True)
         splits = split_held_out(held_out_size(datamodule), held_out, seed=run_seed)
-        _write_splits(folder / "held_out_splits.json", splits, overwrite)
+        splits.save(folder / "held_out_splits.json", overwrite, "--output_dir")
         split_names[key] = splits.name
         print(f"memcurve sweep: seed {key}: {ckpt}; {splits.name}")
         factor_path = None

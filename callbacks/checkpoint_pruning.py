@@ -30,8 +30,6 @@ resumed run (``state_dict``, stable ``state_key``).
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -45,7 +43,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_info
 
 from memcurve.curvature.tracker import select_linear_layers
-from memcurve.data.held_out import HeldOutSettings, split_held_out
+from memcurve.data.held_out import HeldOutSettings, global_seed, split_held_out
 from memcurve.editing import (
     EDIT_KEY,
     EDITED_FOLDER,
@@ -66,7 +64,7 @@ from memcurve.editing.pipeline import FactorSource
 from memcurve.editing.protocol import AutoRequest, Protocol, single_validation_loader
 from memcurve.editing.request import layer_patterns
 from memcurve.utils.arguments import check_choice
-from memcurve.utils.files import atomic_write, check_output_folder
+from memcurve.utils.files import check_output_folder
 
 __all__ = ["FIT_END_NAME", "REPORT_NAME", "WHEN", "CheckpointPruning", "check_checkpoint_strategy"]
 
@@ -372,11 +370,9 @@ class CheckpointPruning(pl.Callback):
         name per split: an earlier run's split in the same folder is never replaced)."""
         datamodule = trainer.datamodule
         size = len(single_validation_loader(module, datamodule, trainer).dataset)
-        seed = self.held_out.seed if self.held_out.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        splits = split_held_out(size, self.held_out, seed=seed)
+        splits = split_held_out(size, self.held_out, seed=global_seed())
         path = self.report_folder(trainer) / f"held_out_splits-{splits.sha256[:8]}.json"
-        text = json.dumps(splits.to_json())
-        atomic_write(path, lambda tmp: tmp.write_text(text))
+        splits.save(path)
         rank_zero_info(f"memcurve: {type(self).__name__}: {splits.name} -> {path}")
         return Protocol(module, datamodule, splits, self.budget, trainer=trainer)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -81,7 +80,7 @@ from memcurve.curvature.memory_plan import MemoryPlan, format_bytes, plan_memory
 from memcurve.curvature.owners import assign_owners, reduce_to_owners
 from memcurve.curvature.settings import DEFAULT_SETTINGS, FactorSettings
 from memcurve.curvature.sharded_storage import INDEX_SUFFIX, save_sharded_factors, shard_name
-from memcurve.data.held_out import HeldOutSettings, split_held_out, subset_loader
+from memcurve.data.held_out import HeldOutSettings, global_seed, split_held_out, subset_loader
 from memcurve.utils.arguments import check_choice, check_positive_int
 from memcurve.utils.distributed import comm_device, is_distributed
 
@@ -275,8 +274,7 @@ class KFACFactors(ScheduledAnalysis):
             return self.dataloader(trainer)
         loader = find_dataloader(trainer, self.dataloader, f"KFACFactors(dataloader={self.dataloader!r})")
         if self.held_out is not None:
-            seed = self.held_out.seed if self.held_out.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-            splits = split_held_out(len(loader.dataset), self.held_out, seed=seed)
+            splits = split_held_out(len(loader.dataset), self.held_out, seed=global_seed())
             loader = subset_loader(loader, splits.indices("factors"))
             rank_zero_info(f"memcurve: KFACFactors reads the factor role of {splits.name}")
         return sequential_loader(loader, trainer, self.settings.batch_size, self.settings.max_samples)

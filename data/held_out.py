@@ -19,14 +19,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Subset
 
 from memcurve.utils.arguments import check_int
+from memcurve.utils.files import atomic_write
 from memcurve.utils.sampling import loader_like
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "HeldOutSettings",
     "HeldOutSplits",
     "HeldOutView",
+    "global_seed",
     "held_out_size",
     "split_held_out",
     "subset_loader",
@@ -117,6 +121,22 @@ class HeldOutSplits:
             "sha256": self.sha256,
         }
 
+    def save(self, path: str | os.PathLike, overwrite: bool = False, argument: str = "output_dir") -> None:
+        """Write the split to ``path`` (atomically). An existing file holding another split is refused, naming
+        ``argument`` (the folder's), unless ``overwrite`` (reports naming it would lie); one holding this split is
+        left as it is."""
+        path = Path(path)
+        if path.is_file() and not overwrite:
+            saved = HeldOutSplits.from_json(json.loads(path.read_text()))
+            if saved.sha256 != self.sha256:
+                raise FileExistsError(
+                    f"{argument}: {path} holds another held-out split ({saved.name}) than this run's ({self.name}); "
+                    f"choose another {argument} or pass overwrite"
+                )
+            return
+        text = json.dumps(self.to_json())
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> HeldOutSplits:
         settings = HeldOutSettings(
@@ -135,6 +155,12 @@ class HeldOutSplits:
                 "held_out_splits.json: its sha256 is missing or does not match its indices (the file was altered)"
             )
         return splits
+
+
+def global_seed() -> int:
+    """The seed of the running Lightning job (``seed_everything`` records it in ``PL_GLOBAL_SEED``), 0 without one:
+    the default seed of a split made inside a run, the same for every callback of that run."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def split_held_out(size: int, settings: HeldOutSettings = HeldOutSettings(), seed: int | None = None) -> HeldOutSplits:

@@ -32,10 +32,6 @@ METHOD_NAMES = {
 }
 
 
-def _kind(row: EditRow) -> str:
-    return next(k for k in ("energy", "keep_fraction", "ratio") if getattr(row, k) is not None)
-
-
 def sweep_points(rows_by_seed: Mapping[int, Sequence[EditRow]], budget: Budget) -> list[dict[str, Any]]:
     """Flat records: seed, method, layers, kind, strength, auto budget (or empty), kept fraction, selection and
     test cost of ``budget``'s metric, then every test metric after the edit and the unedited value."""
@@ -47,7 +43,7 @@ def sweep_points(rows_by_seed: Mapping[int, Sequence[EditRow]], budget: Budget) 
                 "seed": seed,
                 "method": row.method,
                 "layers": " ".join(row.layers),
-                "kind": _kind(row),
+                "kind": row.kind,
                 "strength": row.strength,
                 "auto_budget": row.auto.get("budget", ""),
                 "within_budget": row.auto.get("within", ""),
@@ -155,7 +151,7 @@ def curve_table(rows_by_seed: Mapping[int, Sequence[EditRow]], budget: Budget, m
     for rows in rows_by_seed.values():
         for row in rows:
             if not row.auto:
-                points.setdefault((row.method, tuple(row.layers), _kind(row), row.strength), []).append(row)
+                points.setdefault((row.method, tuple(row.layers), row.kind, row.strength), []).append(row)
     table = []
     for (method, layers, kind, strength), rows in sorted(points.items(), key=lambda item: (item[0][:3], -item[0][3])):
         metric = budget.metric

@@ -781,3 +781,16 @@ def test_pruning_callback_budget_arguments_are_checked():
     callback = SVDPruning(LAYERS, keep_fraction=[0.5], budget=Budget(max_accuracy_drop=0.01))
     assert callback.held_out == HeldOutSettings()  # a budget implies the default split
     assert SVDPruning(LAYERS, keep_fraction=[0.5]).held_out is None
+
+
+def test_a_saved_split_is_never_replaced_by_another(tmp_path):
+    path = tmp_path / "held_out_splits.json"
+    first = split_held_out(60, HeldOutSettings(), seed=0)
+    first.save(path)
+    first.save(path)  # the same split again: left as it is
+    other = split_held_out(60, HeldOutSettings(), seed=1)
+    with pytest.raises(FileExistsError, match=r"--output_dir: .* holds another held-out split"):
+        other.save(path, argument="--output_dir")
+    assert HeldOutSplits.from_json(json.loads(path.read_text())).sha256 == first.sha256
+    other.save(path, overwrite=True)
+    assert HeldOutSplits.from_json(json.loads(path.read_text())).sha256 == other.sha256

@@ -85,11 +85,12 @@ from memcurve.curvature import (
     select_linear_layers,
 )
 from memcurve.curvature.bands import DEFAULT_BAND_EDGES, STATISTICS, BandBasis, band_labels, check_band_edges
-from memcurve.curvature.layers import as_out_in, linear_shape, weight_layout
+from memcurve.curvature.layers import as_out_in, linear_shape, named_linear_modules, weight_layout
 from memcurve.utils.arguments import check_choice, check_positive_int
 from memcurve.utils.distributed import all_reduce_tensors
 from memcurve.utils.files import atomic_write
 from memcurve.utils.sampling import unpadded_shard_sampler
+from memcurve.utils.sharding import whole, whole_parameters
 
 __all__ = ["BandActivationProbe", "ClassificationProbeAdapter", "ProbeAdapter", "plot_band_activations"]
 
@@ -407,11 +408,18 @@ class BandActivationProbe(ScheduledAnalysis):
             pin_memory=loader.pin_memory,
         )
 
-    def prepare_layers(self, pl_module: pl.LightningModule, path: str) -> str:
-        """Load and check the factors, build each layer's bases; returns the position selection to use."""
+    def prepare_layers(self, pl_module: pl.LightningModule, path: str, root: nn.Module | None = None) -> str:
+        """Load and check the factors, build each layer's bases; returns the position selection to use. ``root``: the
+        strategy's model around ``pl_module`` (FSDP1's root wrapper)."""
+        # Under FSDP1 the checks and the SVD baseline need whole parameters: the root wrapper (the strategy's model,
+        # around ``pl_module``) gathers every unit; every rank probes, so all take part.
+        with whole_parameters(root if root is not None else pl_module):
+            return self._prepare_layers(pl_module, path)
+
+    def _prepare_layers(self, pl_module: pl.LightningModule, path: str) -> str:
         stored = load_factors(path, pl_module)
         self._check_layers_covered(list(stored.layers), f"the factor file {path}")
-        modules = dict(pl_module.named_modules())
+        modules = named_linear_modules(pl_module)  # clean names: the factor file's, also under FSDP1 wrappers
         order = {name: i for i, name in enumerate(modules)}
         names = self.layer_names or sorted(stored.layers, key=lambda name: order.get(name, len(order)))
         dtype = DTYPES[self.dtype]
@@ -422,7 +430,8 @@ class BandActivationProbe(ScheduledAnalysis):
             device = module.weight.device
             bases = [BandBasis.from_kfac(eigen, self.edges).to(device, dtype)]
             if self.svd_baseline:
-                weight = as_out_in(module.weight, weight_layout(module))  # Conv1D stores Wᵀ
+                # Conv1D stores Wᵀ; an FSDP2 parameter is gathered whole (every rank probes, so all take part)
+                weight = as_out_in(whole(module.weight).detach(), weight_layout(module))
                 bases.append(BandBasis.from_weight(weight, self.edges).to(device, dtype))
             homogeneous = eigen.eigvecs_A.shape[0] == linear_shape(module)[0] + 1
             self._layers[name] = _Layer(name, bases, homogeneous)
@@ -472,14 +481,14 @@ class BandActivationProbe(ScheduledAnalysis):
             self.setup(trainer, pl_module, "fit")
         self.claim_outputs(trainer)  # refuses another run's CSV/PNG before the work, not after
         path = self.factor_path(trainer)
-        self._active_position = self.prepare_layers(pl_module, path)
+        self._active_position = self.prepare_layers(pl_module, path, trainer.strategy.model)
         names = list(self._layers)
         shape = (len(names), len(self.groups), len(self._layers[names[0]].bases), len(STATISTICS), len(self.edges) + 1)
         device = pl_module.device
         sums = torch.zeros(shape, dtype=torch.float64, device=device)
         squares = torch.zeros(shape, dtype=torch.float64, device=device)
         counts = torch.zeros(shape[:2], dtype=torch.float64, device=device)
-        modules = dict(pl_module.named_modules())
+        modules = named_linear_modules(pl_module)
         handles = [modules[name].register_forward_pre_hook(functools.partial(self._pre_hook, name)) for name in names]
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         was_training = pl_module.training

@@ -65,6 +65,7 @@ from memcurve.editing.protocol import AutoRequest, Protocol, single_validation_l
 from memcurve.editing.request import layer_patterns
 from memcurve.utils.arguments import check_choice
 from memcurve.utils.files import check_output_folder
+from memcurve.utils.sharding import parameters_sharded, shards_parameters, single_process_copy
 
 __all__ = ["FIT_END_NAME", "REPORT_NAME", "WHEN", "CheckpointPruning", "check_checkpoint_strategy"]
 
@@ -198,6 +199,7 @@ class CheckpointPruning(pl.Callback):
         self.layer_names: list[str] = []
         self.guard = OutputGuard(follow_sources=True)
         self._trainer: pl.Trainer | None = None
+        self._unsharded: pl.LightningModule | None = None  # rank zero's copy from setup under a sharding strategy
         self._armed = when == "checkpoint"
         self._resolved: dict[str, Path] = {}
 
@@ -286,6 +288,7 @@ class CheckpointPruning(pl.Callback):
         self.check_factors(trainer, pl_module)
         self.check_outputs(trainer)
         self._trainer = trainer
+        self._unsharded = self.unsharded_copy(trainer, pl_module)
         checkpoint_io = trainer.strategy.checkpoint_io
         if not isinstance(checkpoint_io, _NotifyingCheckpointIO):
             checkpoint_io = _NotifyingCheckpointIO(checkpoint_io)
@@ -294,6 +297,21 @@ class CheckpointPruning(pl.Callback):
             checkpoint_io.listeners.append(self)
         if stage == "fit":
             checkpoint_io.fit_end_saved, checkpoint_io.fit_end = False, None
+
+    def unsharded_copy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule | None:
+        """Under a strategy that shards parameters (FSDP, FSDP2 through ``ModelParallelStrategy``), global rank
+        zero keeps a copy of the module made now, before the strategy shards it: scoring and BalancedSubnet's
+        training run on rank zero alone, so they need whole parameters (each edit loads the checkpoint's weights
+        into it). Host memory for one more copy of the model on rank zero; none without ``evaluate`` or BSN."""
+        if not shards_parameters(trainer.strategy) or not (self.evaluate or self.bsn_settings() is not None):
+            return None
+        if parameters_sharded(pl_module):
+            raise ValueError(
+                f"{type(self).__name__}(evaluate=True) under {type(trainer.strategy).__name__}: the module's "
+                "parameters are already sharded at setup, so there is no whole copy to score on rank zero; shard in "
+                "configure_model (Lightning calls it after the callbacks' setup), or pass evaluate=False"
+            )
+        return single_process_copy(pl_module) if trainer.is_global_zero else None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when != "fit_end":
@@ -318,6 +336,7 @@ class CheckpointPruning(pl.Callback):
             checkpoint_io.fit_end = None  # the dict holds the weights: let it go
             if self in checkpoint_io.listeners:
                 checkpoint_io.listeners.remove(self)
+        self._unsharded = None
 
     # -- the work (global rank zero, after a checkpoint file was written or removed) --------------------------
     def on_checkpoint_written(self, checkpoint: dict[str, Any], path: Path) -> None:
@@ -342,7 +361,7 @@ class CheckpointPruning(pl.Callback):
 
     def prune(self, checkpoint: dict[str, Any], path: Path) -> list[EditRow]:
         trainer = self._trainer
-        module = trainer.lightning_module
+        module = self._unsharded if self._unsharded is not None else trainer.lightning_module
         protocol = self.protocol(trainer, module) if self.held_out is not None else None
         rows = edit_checkpoint(
             checkpoint,

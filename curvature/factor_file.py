@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from memcurve.curvature.eigen import LayerEigen
 from memcurve.curvature.fisher import FISHER_TYPES
-from memcurve.curvature.layers import WEIGHT_LAYOUTS, is_linear, linear_shape, weight_layout
+from memcurve.curvature.layers import WEIGHT_LAYOUTS, clean_module_name, is_linear, linear_shape, weight_layout
 from memcurve.curvature.settings import FILE_SETTINGS
 from memcurve.curvature.sums import LayerFactors
 from memcurve.curvature.tracker import BIAS_MODES, DTYPES, MODES, POSITIONS
@@ -79,9 +79,11 @@ class StoredFactors:
 
 
 def model_fingerprint(model: nn.Module | Mapping[str, Any]) -> str:
-    """sha256 hex of the sorted (parameter name, shape) pairs; a mapping is read as name → tensor or shape."""
+    """sha256 hex of the sorted (parameter name, shape) pairs; a mapping is read as name → tensor or shape. Names
+    are taken without wrapper segments (FSDP1, activation checkpointing, ``torch.compile``), so a wrapped module
+    whose parameters are whole (FSDP2's DTensors; FSDP1 within ``summon_full_params``) has its unwrapped print."""
     if isinstance(model, nn.Module):
-        items = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+        items = [(clean_module_name(name), tuple(p.shape)) for name, p in model.named_parameters()]
     else:
         items = [(name, tuple(v.shape) if isinstance(v, Tensor) else tuple(v)) for name, v in model.items()]
     text = json.dumps(sorted([name, list(shape)] for name, shape in items), separators=(",", ":"))

@@ -29,7 +29,6 @@ refused by :func:`check_scorable` (the pruning callbacks call it in ``setup``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import random
@@ -48,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from memcurve.utils.sampling import loader_like
+from memcurve.utils.sharding import parameters_sharded, single_process_copy
 
 __all__ = ["Scorer", "check_scorable", "scores_by_validation", "validation_dataloaders"]
 
@@ -65,8 +65,14 @@ def check_scorable(
 ) -> None:
     """Refuse (naming ``argument`` and the fix) a module that cannot be scored: neither ``evaluation_metrics`` nor a
     ``validation_step``, or (validation loop) no validation data in ``trainer`` / ``datamodule`` where that can be
-    told before the run, or a sharded-parameter strategy (FSDP, DeepSpeed) whose module cannot be copied."""
+    told before the run, or a module whose parameters are sharded (FSDP, FSDP2) and so cannot be copied."""
     name = type(module).__name__
+    if parameters_sharded(module):
+        raise ValueError(
+            f"{argument}=True: {name}'s parameters are sharded (FSDP), so it cannot be copied and scored on one "
+            f"process; score an unsharded copy made before the strategy sharded it (the pruning callbacks keep one "
+            f"from setup), or pass {argument}=False"
+        )
     if not scores_by_validation(module):
         return
     if not isinstance(module, pl.LightningModule) or not is_overridden("validation_step", module):
@@ -74,13 +80,6 @@ def check_scorable(
             f"{argument}=True scores {name} with its own validation loop, but it has no validation_step; define "
             f"validation_step (logging its metrics) or evaluation_metrics(datamodule) -> dict, or pass {argument}=False"
         )
-    if trainer is not None:
-        strategy = type(trainer.strategy).__name__
-        if any(kind in strategy for kind in ("FSDP", "DeepSpeed", "ModelParallel")):
-            raise ValueError(
-                f"{argument}=True under {strategy}: the validation-loop scorer copies the module, whose parameters are "
-                f"sharded there; define {name}.evaluation_metrics(datamodule) -> dict or pass {argument}=False"
-            )
     if _validation_data_defined(trainer, datamodule) is False:
         raise ValueError(
             f"{argument}=True scores {name} with its own validation loop, but the run has no validation data; give "
@@ -234,8 +233,7 @@ class Scorer:
                 raise ValueError("scoring on given loaders needs at least one loader")
         else:
             check_scorable(module, trainer=trainer, datamodule=datamodule)
-        with torch.inference_mode(False):  # a copy made in a validation hook must not hold inference tensors
-            self.module = copy.deepcopy(module)
+        self.module = single_process_copy(module)
         if hasattr(self.module, "_metric_attributes"):
             # Lightning caches id(metric) -> attribute name during fit; the copy's metrics have other ids.
             self.module._metric_attributes = None

@@ -49,6 +49,7 @@ from memcurve.metrics.verbatim import (
 from memcurve.utils.arguments import check_choice, check_positive_int
 from memcurve.utils.distributed import rank_and_world
 from memcurve.utils.sampling import unpadded_shard_sampler
+from memcurve.utils.sharding import fully_shard_blocks, parameters_sharded
 
 __all__ = ["CanaryProbeAdapter", "CausalLMFisherAdapter", "CausalLMModule", "build_causal_lm"]
 
@@ -329,6 +330,15 @@ class CausalLMModule(pl.LightningModule):
         self._reference_state: dict[str, Tensor] | None = None  # unedited weights of the reference
         self._reference_key: str | None = None  # their weights_fingerprint
         self._mined: tuple[str, Tensor] | None = None  # (reference fingerprint, memorized canary mask)
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy`` (which lends a device mesh): each decoder layer is sharded,
+        then the whole model (:func:`~memcurve.utils.sharding.fully_shard_blocks`). Any other strategy, or a model
+        sharded by an earlier call (Lightning calls this hook at every fit / validate): nothing."""
+        mesh = self.device_mesh
+        if mesh is None or parameters_sharded(self.model):
+            return
+        fully_shard_blocks(self.model, mesh["data_parallel"] if mesh.mesh_dim_names else mesh)
 
     # -- eager checks against the data ---------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -32,6 +32,7 @@ from memcurve.metrics.memorization import (
     log_memorization,
     memorization_due,
 )
+from memcurve.utils.sharding import fully_shard_blocks, parameters_sharded
 
 __all__ = ["NoisyLabelClassifier", "warmup_cosine_factor"]
 
@@ -123,6 +124,15 @@ class NoisyLabelClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy`` (which lends a device mesh): each transformer block is
+        sharded, then the whole model (:func:`~memcurve.utils.sharding.fully_shard_blocks`). Any other strategy, or a
+        model sharded by an earlier call (Lightning calls this hook at every fit / validate): nothing."""
+        mesh = self.device_mesh
+        if mesh is None or parameters_sharded(self.model):
+            return
+        fully_shard_blocks(self.model, mesh["data_parallel"] if mesh.mesh_dim_names else mesh)
 
     # -- eager checks against the data ---------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -19,6 +19,16 @@ produce identical streams and logs):
    The stream is cut into non-overlapping blocks of ``block_size`` tokens, the remainder dropped. Validation
    stream: the held-out documents, same layout and blocking.
 
+The never-trained oracle (``oracle_min_level=L``). The memorized set is the canaries planted at least L times (the
+``mem/`` set of ``CausalLMModule(memorized_min_level=L)``). The oracle's training stream is the one above with every
+copy of those canaries left out, and nothing else changed: every random draw is made as for the full stream (same
+documents, tokenizer, canaries, levels, insertion positions of every copy), then the left-out copies (their tokens
+and trailing EOS) are not written. The canaries of lower levels stay where they were, and the controls stay unseen;
+so the oracle stream is the full stream minus exactly the planted copies of the memorized set. The blocks are cut from
+that shorter stream, so they (and their shuffled order) differ after the first left-out copy; the validation stream
+is identical. The insertion log still lists every canary with its level (the oracle is scored on the memorized set
+as non-members), the left-out ones with no offsets.
+
 The insertion log (every canary's id, text, level, token ids, start offsets of its copies in the training stream
 and their block indices) is saved as ``canaries.json`` beside the logs and in every checkpoint (``state_dict``);
 on resume the rebuilt insertion is compared with the saved one and any difference is an error.
@@ -100,6 +110,8 @@ def _insertion_digest(log: dict) -> str:
             for canary in log["canaries"]
         ],
     }
+    if log.get("oracle_min_level") is not None:  # logs of full streams (and those written before it) lack the key
+        core["oracle_min_level"] = log["oracle_min_level"]
     digest.update(json.dumps(core, sort_keys=True).encode("utf-8"))
     return digest.hexdigest()
 
@@ -120,6 +132,10 @@ def check_insertion_matches(current: dict, saved: dict, origin: str) -> None:
     for field in ("block_size", "training_token_count"):
         if current[field] != saved[field]:
             differences.append(f"{field}: saved {saved[field]!r}, now {current[field]!r}")
+    if current.get("oracle_min_level") != saved.get("oracle_min_level"):
+        differences.append(
+            f"oracle_min_level: saved {saved.get('oracle_min_level')!r}, now {current.get('oracle_min_level')!r}"
+        )
     mine, theirs = current["canaries"], saved["canaries"]
     if len(mine) != len(theirs):
         differences.append(f"number of canaries: saved {len(theirs)}, now {len(mine)}")
@@ -139,7 +155,7 @@ def check_insertion_matches(current: dict, saved: dict, origin: str) -> None:
             f"the canary insertion saved in {origin} does not match the insertion of this data module "
             f"({'; '.join(differences)}). Resume with the same data settings (corpus, corpus_fraction, max_documents, "
             "canaries, min_canary_chars, duplicate_levels, canaries_per_level, tokenizer, vocab_size, block_size, "
-            "val_fraction, prefix_length, suffix_length, seed) as the original run."
+            "val_fraction, prefix_length, suffix_length, seed, oracle_min_level) as the original run."
         )
 
 
@@ -176,6 +192,9 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         num_workers: DataLoader workers; the data do not depend on it.
         seed: seeds the document subset, the split, the canary choice and levels, the insertion positions and the
             training shuffle (independent of ``seed_everything``).
+        oracle_min_level: None (default) for the full stream; an integer L >= 1 for the never-trained oracle's
+            stream: the same stream without the copies of the canaries of duplicate level >= L (the memorized set of
+            ``CausalLMModule(memorized_min_level=L)``; see the module docstring). Must leave out at least one level.
         log_dir: where ``canaries.json`` is saved (default: the trainer's log_dir at setup, when it has a logger).
     """
 
@@ -201,6 +220,7 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         log_dir: str | None = None,
+        oracle_min_level: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(corpus, str) or not corpus:
@@ -237,6 +257,13 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         check_int("num_workers", num_workers, 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative integer")
+        if oracle_min_level is not None:
+            check_int("oracle_min_level", oracle_min_level, 1, " (None: the full stream)")
+            if oracle_min_level > levels[-1]:
+                raise ValueError(
+                    f"oracle_min_level={oracle_min_level} leaves out no canary: the largest of duplicate_levels="
+                    f"{list(levels)} is {levels[-1]}; give a level at most {levels[-1]} (or None for the full stream)"
+                )
         self.save_hyperparameters()
         self.corpus = corpus
         self.corpus_fraction = corpus_fraction
@@ -258,6 +285,7 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.log_dir = log_dir
+        self.oracle_min_level = oracle_min_level
         self._tokenizer = None
         self.insertion_log: dict | None = None
         self.train_stream: np.ndarray | None = None
@@ -365,6 +393,7 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             "training_blocks": len(self.train_set),
             "val_token_count": int(self.val_set.blocks.numel()),
             "val_blocks": len(self.val_set),
+            "oracle_min_level": self.oracle_min_level,
             "canaries": canaries,
         }
         log["sha256"] = _insertion_digest(log)
@@ -426,10 +455,16 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             chosen.extend((index, level, list(pool_tokens[index])) for index in group)
         return chosen
 
+    def left_out(self, level: int) -> bool:
+        """Whether the copies of a canary of duplicate ``level`` are left out of the training stream (the oracle's
+        memorized set: ``level >= oracle_min_level``)."""
+        return self.oracle_min_level is not None and level >= self.oracle_min_level
+
     def _insert(
         self, doc_tokens: list[list[int]], chosen: list[tuple[int, int, list[int]]], eos: int
     ) -> tuple[np.ndarray, list[list[int]]]:
-        """The training stream with every copy inserted, and each canary's copy start offsets."""
+        """The training stream with every copy inserted (but the oracle's left-out ones: drawn, not written), and
+        each canary's copy start offsets."""
         lengths = np.array([len(ids) + 1 for ids in doc_tokens], dtype=np.int64)
         tail = np.cumsum(lengths[::-1])[::-1] - lengths  # document tokens after the boundary behind document g
         allowed = np.flatnonzero(tail >= self.block_size)
@@ -452,6 +487,8 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             pieces.append([*ids, eos])
             position += len(ids) + 1
             for canary_id in at_gap.get(g, ()):
+                if self.left_out(chosen[canary_id][1]):
+                    continue
                 tokens = chosen[canary_id][2]
                 offsets[canary_id].append(position)
                 pieces.append([*tokens, eos])
@@ -528,10 +565,13 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             text = json.dumps(log, indent=1, ensure_ascii=False)
             atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
             counts = {level: self.canaries_per_level for level in self.duplicate_levels}
+            oracle = ""
+            if self.oracle_min_level is not None:
+                oracle = f"; never-trained oracle: the copies of levels >= {self.oracle_min_level} are left out"
             rank_zero_info(
                 f"memcurve: {sum(counts.values())} canaries at duplicate levels {self.duplicate_levels} "
                 f"({self.canaries_per_level} each) in {log['training_token_count']} training tokens "
-                f"(seed={self.seed}); saved to {path}"
+                f"(seed={self.seed}{oracle}); saved to {path}"
             )
 
     @staticmethod

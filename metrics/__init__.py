@@ -1,4 +1,5 @@
-"""torchmetrics metrics: memorization of noisy labels and verbatim recall of text by language models."""
+"""torchmetrics metrics: memorization of noisy labels, verbatim recall of text by language models, and unlearning
+(membership-inference AUROC, forget quality and privacy leakage against a never-trained oracle)."""
 
 from memcurve.metrics.memorization import (
     MEMORIZATION_BATCH_KEYS,
@@ -14,6 +15,16 @@ from memcurve.metrics.memorization import (
     log_memorization,
     memorization_due,
     noised_label_accuracy,
+)
+from memcurve.metrics.unlearning import (
+    ForgetQuality,
+    forget_quality,
+    membership_auroc,
+    membership_aurocs,
+    min_k_percent,
+    privacy_leakage,
+    sequence_scores,
+    token_log_probs,
 )
 from memcurve.metrics.verbatim import (
     HeldOutPerplexity,
@@ -33,6 +44,7 @@ __all__ = [
     "MEMORIZATION_BATCH_KEYS",
     "MEMORIZATION_TAGS",
     "CleanTrainAccuracy",
+    "ForgetQuality",
     "GroundTruthRecovery",
     "HeldOutPerplexity",
     "MemorizationMetrics",
@@ -42,16 +54,23 @@ __all__ = [
     "check_memorization_datamodule",
     "clean_train_accuracy",
     "evaluate_memorization",
+    "forget_quality",
     "greedy_generate",
     "ground_truth_recovery",
     "log_memorization",
+    "membership_auroc",
+    "membership_aurocs",
     "memorization_due",
+    "min_k_percent",
     "mine_memorized",
     "ndcg_against_reference",
     "ndcg_at_k",
     "noised_label_accuracy",
+    "privacy_leakage",
+    "sequence_scores",
     "shifted_prefix_recall",
     "suffix_log_likelihood",
+    "token_log_probs",
     "verbatim_scores",
     "weights_fingerprint",
 ]

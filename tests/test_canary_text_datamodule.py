@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from memcurve.data import CanaryTextDataModule
 from memcurve.data import text_sources as sources
-from memcurve.data.canary_text_datamodule import CANARY_FILENAME
+from memcurve.data.canary_text_datamodule import CANARY_FILENAME, _insertion_digest
 from memcurve.data.text_sources import build_tokenizer, load_canary_texts, load_documents
 from memcurve.utils.sampling import UnpaddedDistributedSampler
 
@@ -377,3 +379,150 @@ def test_datamodule_with_text_corpus_and_tokenizer_file(tmp_path, dm):
     datamodule = small(tokenizer=str(path), canaries=CANARY_LINES, duplicate_levels=(0, 3), canaries_per_level=4)
     assert datamodule.tokenizer.get_vocab() == dm.tokenizer.get_vocab()
     assert sorted(len(c["offsets"]) for c in datamodule.insertion_log["canaries"]) == [0, 0, 0, 0, 3, 3, 3, 3]
+
+
+# -- the never-trained oracle: the same stream without the planted copies of the memorized set -------------------
+def stream_items(datamodule: CanaryTextDataModule) -> list[tuple[str, object]]:
+    """The training stream as items in order: ``("canary", id)`` for each planted copy (its tokens and EOS, checked
+    against the stream), ``("text", tokens)`` for the document tokens between copies."""
+    stream = datamodule.train_stream
+    copies = sorted(
+        (start, canary["id"], canary["token_ids"])
+        for canary in datamodule.insertion_log["canaries"]
+        for start in canary["offsets"]
+    )
+    items, position = [], 0
+    for start, canary_id, ids in copies:
+        if start > position:
+            items.append(("text", stream[position:start].tolist()))
+        assert stream[start : start + len(ids) + 1].tolist() == [*ids, datamodule.eos_token_id]
+        items.append(("canary", canary_id))
+        position = start + len(ids) + 1
+    items.append(("text", stream[position:].tolist()))
+    return items
+
+
+def without(items: list[tuple[str, object]], left_out: set[int]) -> list[tuple[str, object]]:
+    """``items`` without the copies of ``left_out`` canaries, neighbouring text joined."""
+    kept: list[tuple[str, object]] = []
+    for kind, value in items:
+        if kind == "canary" and value in left_out:
+            continue
+        if kind == "text" and kept and kept[-1][0] == "text":
+            kept[-1] = ("text", kept[-1][1] + value)
+        else:
+            kept.append((kind, value))
+    return kept
+
+
+@pytest.fixture(scope="module")
+def oracle() -> CanaryTextDataModule:
+    return small(oracle_min_level=16)
+
+
+def test_oracle_stream_is_the_full_stream_minus_exactly_the_planted_copies(dm, oracle):
+    full_log, oracle_log = dm.insertion_log, oracle.insertion_log
+    left_out = {c["id"] for c in full_log["canaries"] if c["level"] >= 16}
+    assert len(left_out) == 4 and all(
+        oracle.left_out(c["level"]) == (c["id"] in left_out) for c in full_log["canaries"]
+    )
+    # Item by item: the documents and the copies of levels 1 and 4 in the same order, the left-out copies gone.
+    assert stream_items(oracle) == without(stream_items(dm), left_out)
+    keep = np.ones(len(dm.train_stream), dtype=bool)
+    for canary in full_log["canaries"]:
+        if canary["id"] in left_out:
+            for start in canary["offsets"]:
+                keep[start : start + len(canary["token_ids"]) + 1] = False
+    assert np.array_equal(dm.train_stream[keep], oracle.train_stream)
+    assert len(dm.train_stream) - len(oracle.train_stream) == sum(
+        c["level"] * (len(c["token_ids"]) + 1) for c in full_log["canaries"] if c["id"] in left_out
+    )
+    # Everything else identical: documents, validation stream, tokenizer, the canaries and their levels.
+    assert oracle.train_documents == dm.train_documents and oracle.val_documents == dm.val_documents
+    assert np.array_equal(oracle.val_stream, dm.val_stream) and torch.equal(oracle.val_set.blocks, dm.val_set.blocks)
+    assert oracle_log["tokenizer_sha256"] == full_log["tokenizer_sha256"]
+    fields = ("id", "text", "level", "source_index", "token_ids")
+    assert [[c[f] for f in fields] for c in oracle_log["canaries"]] == [
+        [c[f] for f in fields] for c in full_log["canaries"]
+    ]
+    for canary in oracle_log["canaries"]:
+        found = occurrences(oracle.train_stream, [oracle.eos_token_id, *canary["token_ids"]]) + 1
+        assert found.tolist() == canary["offsets"]
+        if canary["id"] in left_out:
+            assert (
+                canary["offsets"] == canary["blocks"] == []
+                and len(occurrences(oracle.train_stream, canary["token_ids"])) == 0
+            )
+        else:
+            assert len(canary["offsets"]) == canary["level"]
+            assert len(occurrences(oracle.train_set.blocks.flatten().numpy(), canary["token_ids"])) == canary["level"]
+    examples, oracle_examples = dm.canary_examples(), oracle.canary_examples()
+    assert oracle_examples["prefixes"] == examples["prefixes"] and oracle_examples["texts"] == examples["texts"]
+    for key in ("suffixes", "levels", "ids"):
+        assert torch.equal(oracle_examples[key], examples[key])
+    assert oracle_log["oracle_min_level"] == 16 and full_log["oracle_min_level"] is None
+    assert oracle_log["training_token_count"] < full_log["training_token_count"]
+    assert oracle_log["sha256"] != full_log["sha256"]
+
+
+def test_oracle_log_persistence_and_resume_checks(tmp_path, dm, oracle):
+    # Logs of full streams keep their digest (written before oracle_min_level existed, or with it None).
+    old = {key: value for key, value in dm.insertion_log.items() if key != "oracle_min_level"}
+    assert _insertion_digest(old) == dm.insertion_log["sha256"]
+    small(oracle_min_level=16, log_dir=str(tmp_path))
+    saved = json.loads((tmp_path / CANARY_FILENAME).read_text(encoding="utf-8"))
+    assert saved["sha256"] == oracle.insertion_log["sha256"] and saved["oracle_min_level"] == 16
+    resumed = CanaryTextDataModule(**SMALL, oracle_min_level=16)
+    resumed.load_state_dict(oracle.state_dict())
+    resumed.setup("fit")
+    with pytest.raises(ValueError, match=r"oracle_min_level: saved None, now 16"):
+        oracle.load_state_dict(dm.state_dict())  # a full run's checkpoint resumed as the oracle
+    with pytest.raises(ValueError, match=r"oracle_min_level: saved 16, now None.*oracle_min_level\) as the original"):
+        dm.load_state_dict(oracle.state_dict())
+    with pytest.raises(ValueError, match=r"oracle_min_level: saved 16, now 4"):
+        small(oracle_min_level=4).load_state_dict(oracle.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, r"oracle_min_level=0 must be an integer >= 1 \(None: the full stream\)"),
+        (True, r"oracle_min_level=True must be an integer >= 1"),
+        (1.5, r"oracle_min_level=1.5 must be an integer >= 1"),
+        (65, r"oracle_min_level=65 leaves out no canary: the largest of duplicate_levels=\[0, 1, 4, 16, 64\] is 64"),
+    ],
+)
+def test_bad_oracle_level_fails_eagerly(value, message):
+    with pytest.raises(ValueError, match=message):
+        CanaryTextDataModule(**{**SMALL, "oracle_min_level": value})
+
+
+def test_oracle_protocol_config_is_the_protocol_config_with_the_oracle_stream(tmp_path, monkeypatch):
+    """Training only, last.ckpt only, one run per seed into its own folder; nothing but the stream and the folder
+    differs from the protocol's run config, and the left-out set is the module's memorized set."""
+    from memcurve.cli import DEFAULT_SEED_OVERRIDES, _run_cli
+
+    folder = Path(__file__).parents[1] / "configs" / "protocol"
+    config = folder / "olmo2_tiny_canaries_oracle.yaml"
+    settings = yaml.safe_load(config.read_text())
+    base = yaml.safe_load((folder / "olmo2_tiny_canaries.yaml").read_text())
+    assert (
+        settings["data"]["init_args"].pop("oracle_min_level") == settings["model"]["init_args"]["memorized_min_level"]
+    )
+    assert settings["trainer"]["logger"]["init_args"].pop("name") == "olmo2_tiny_canaries_oracle"
+    base["trainer"]["logger"]["init_args"].pop("name")
+    assert settings == base
+    monkeypatch.chdir(tmp_path)
+    cli = _run_cli(
+        "sweep", lambda parser: None, ["--config", str(config), *(o.format(seed=2) for o in DEFAULT_SEED_OVERRIDES)]
+    )
+    assert cli.config["seed_everything"] == 2 and cli.datamodule.seed == 2 and cli.datamodule.oracle_min_level == 16
+    assert cli.config["trainer"]["logger"]["init_args"]["version"] == "seed2"
+    assert cli.trainer.logger.log_dir.endswith("runs/protocol/olmo2_tiny_canaries_oracle/seed2")
+    # The CLI override on the protocol config builds the same data module.
+    override = _run_cli(
+        "sweep",
+        lambda parser: None,
+        ["--config", str(folder / "olmo2_tiny_canaries.yaml"), "--data.init_args.oracle_min_level=16"],
+    )
+    assert override.datamodule.oracle_min_level == 16

@@ -148,11 +148,15 @@ def test_counts_in_configs_stay_integers(tmp_path, monkeypatch):
 PROTOCOL = Path(__file__).parents[1] / "configs" / "protocol"
 PROTOCOL_SWEEPS = sorted(PROTOCOL.glob("*_sweep.yaml"))
 PROTOCOL_RUNS = sorted(set(PROTOCOL.glob("*.yaml")) - set(PROTOCOL_SWEEPS))
+PROTOCOL_ORACLES = sorted(PROTOCOL.glob("*_oracle.yaml"))  # never-trained references: runs without a sweep of their own
 
 
 def test_every_protocol_run_has_a_sweep():
     runs = {yaml.safe_load(path.read_text())["run_config"] for path in PROTOCOL_SWEEPS}
-    assert runs == {f"configs/protocol/{path.name}" for path in PROTOCOL_RUNS} and len(PROTOCOL_SWEEPS) == 3
+    analysed = {f"configs/protocol/{path.name}" for path in PROTOCOL_RUNS if path not in PROTOCOL_ORACLES}
+    assert runs == analysed and len(PROTOCOL_SWEEPS) == 3
+    for oracle in PROTOCOL_ORACLES:  # each oracle is the run of a sweep with the planted items left out
+        assert PROTOCOL / oracle.name.replace("_oracle", "") in PROTOCOL_RUNS
 
 
 @pytest.mark.parametrize("config", PROTOCOL_RUNS, ids=[path.stem for path in PROTOCOL_RUNS])

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from memcurve.adapters import FisherAdapter, ProbeAdapter
 from memcurve.lightning_modules.noisy_label_classifier import warmup_cosine_factor
+from memcurve.metrics.unlearning import forget_quality, membership_aurocs, privacy_leakage, sequence_scores
 from memcurve.metrics.verbatim import (
     HeldOutPerplexity,
     TopKReference,
@@ -55,6 +56,7 @@ __all__ = ["CanaryProbeAdapter", "CausalLMFisherAdapter", "CausalLMModule", "bui
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORIZED_SETS = ("levels", "mined")
+MIA_MIN_K = 0.4  # Min-K% of the membership scores: MUSE's choice for its privacy leakage
 # Columns of the before/after pruning table: (metric key, short header).
 REPORT_METRICS = (
     ("mem/strict", "strict"),
@@ -63,6 +65,7 @@ REPORT_METRICS = (
     ("control/strict", "ctrl strict"),
     ("val/perplexity", "ppl"),
     ("val/ndcg@10", "nDCG@10"),
+    ("mia/mem/auroc_mink", "MIA AUROC"),
 )
 
 
@@ -278,6 +281,10 @@ class CausalLMModule(pl.LightningModule):
         prefix_shifts: the evaluation also scores the memorized canaries with the first k prompt tokens dropped
             (``shift/k<k>/strict``, ``.../loose``), for each k here (default [1, 2, 4]; the prompt's EOS is token
             0): does recall need the exact training window?
+        oracle_checkpoint: a checkpoint of the never-trained oracle of this run (the same stream without the
+            memorized set: ``CanaryTextDataModule(oracle_min_level=memorized_min_level)``); the evaluation then
+            reports the distance to it (``oracle/...``, see :meth:`membership_metrics`). Read at the first
+            evaluation; checked to exist in ``setup``.
     """
 
     report_metrics: ClassVar[tuple[tuple[str, str], ...]] = REPORT_METRICS
@@ -302,6 +309,7 @@ class CausalLMModule(pl.LightningModule):
         ndcg_max_batches: int = 8,
         recall_every_n_epochs: int = 1,
         prefix_shifts: list[int] | None = None,
+        oracle_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         check_choice("dtype", dtype, tuple(DTYPES))
@@ -330,6 +338,8 @@ class CausalLMModule(pl.LightningModule):
         self._reference_state: dict[str, Tensor] | None = None  # unedited weights of the reference
         self._reference_key: str | None = None  # their weights_fingerprint
         self._mined: tuple[str, Tensor] | None = None  # (reference fingerprint, memorized canary mask)
+        self._oracle_state: dict[str, Tensor] | None = None  # the never-trained oracle's weights (set_oracle)
+        self._oracle_scores: dict[str, Tensor] | None = None  # its per-canary scores, computed once
 
     def configure_model(self) -> None:
         """FSDP2 under Lightning's ``ModelParallelStrategy`` (which lends a device mesh): each decoder layer is sharded,
@@ -342,6 +352,12 @@ class CausalLMModule(pl.LightningModule):
 
     # -- eager checks against the data ---------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        oracle = self.hparams.get("oracle_checkpoint")
+        if oracle is not None and not Path(oracle).is_file():
+            raise FileNotFoundError(
+                f"oracle_checkpoint={oracle!r} is not a file; train the oracle first (CanaryTextDataModule("
+                "oracle_min_level=...), configs/protocol/olmo2_tiny_canaries_oracle.yaml) or pass None"
+            )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
             self.check_compatible(datamodule)
@@ -557,11 +573,92 @@ class CausalLMModule(pl.LightningModule):
         )
         return {f"shift/k{k}/{key}": results[k][key] for k in shifts for key in ("strict", "loose")}
 
+    def set_oracle(self, state_dict: Mapping[str, Tensor] | None) -> None:
+        """Use these weights — a LightningModule state dict of the never-trained oracle — as the reference of the
+        ``oracle/`` metrics (None: no oracle)."""
+        if state_dict is None:
+            self._oracle_state = self._oracle_scores = None
+            return
+        weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        if not weights:
+            raise ValueError("set_oracle: the state dict has no 'model.*' entries of a CausalLMModule")
+        self._oracle_state, self._oracle_scores = weights, None
+
+    def _oracle_weights(self) -> dict[str, Tensor] | None:
+        path = self.hparams.get("oracle_checkpoint")
+        if self._oracle_state is None and path is not None:
+            self.set_oracle(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        return self._oracle_state
+
+    def _canary_scores(self, model: nn.Module, examples: Mapping[str, Any], pad_token_id: int) -> dict[str, Tensor]:
+        return sequence_scores(
+            model,
+            examples["prefixes"],
+            examples["suffixes"],
+            pad_token_id=pad_token_id,
+            k=MIA_MIN_K,
+            batch_size=self.hparams.generation_batch_size,
+            device=self.device,
+        )
+
+    @torch.no_grad()
+    def membership_metrics(self, datamodule: Any) -> dict[str, float]:
+        """Membership inference (HUBBLE, MUSE): how well each canary's suffix likelihood tells planted canaries from
+        the never-seen controls (level 0), as AUROCs of −loss (``auroc_loss``) and of Min-40% probability
+        (``auroc_mink``): per duplicate level (``mia/dup<L>/``) and for the memorized set (``mia/mem/``); 0.5 is
+        chance, 1 a perfect attack. The normalized log-likelihood of each level is ``mia/dup<L>/nll`` (mean
+        −loss).
+
+        With an oracle (``oracle_checkpoint`` or :meth:`set_oracle`), the memorized set against the oracle's
+        scores of the same canaries: ``oracle/forget_quality`` (TOFU: the KS test's p-value between the per-canary
+        losses; high = indistinguishable), ``oracle/ks`` (its statistic), ``oracle/privleak`` (MUSE's privacy
+        leakage of the Min-40% AUROC: 0 = as private as the oracle, < 0 under-, > 0 over-unlearning) and
+        ``oracle/auroc_mink`` (the oracle's own AUROC). Empty without controls."""
+        examples = datamodule.canary_examples()
+        levels = examples["levels"]
+        controls = levels == 0
+        if not controls.any():
+            return {}
+        pad = datamodule.pad_token_id
+        scores = self._canary_scores(self.model, examples, pad)
+        memorized = self.memorized_canaries(datamodule, examples)
+
+        def subset(mask: Tensor) -> dict[str, Tensor]:
+            return {key: value[mask] for key, value in scores.items()}
+
+        out: dict[str, float] = {}
+        groups = [(f"dup{level}", levels == level) for level in sorted(set(levels.tolist()) - {0})]
+        for name, mask in [*groups, ("mem", memorized & ~controls)]:
+            if not mask.any():
+                continue
+            for kind, value in membership_aurocs(subset(mask), subset(controls)).items():
+                out[f"mia/{name}/auroc_{'mink' if kind == 'min_k' else kind}"] = value
+            out[f"mia/{name}/nll"] = float(scores["normalized_log_likelihood"][mask].mean())
+        oracle = self._oracle_weights()
+        members = memorized & ~controls
+        if oracle is None or not members.any():
+            return out
+        if self._oracle_scores is None:
+            self._oracle_scores = self._canary_scores(_FunctionalModel(self.model, oracle), examples, pad)
+        reference = self._oracle_scores
+        quality = forget_quality(scores["loss"][members], reference["loss"][members])
+        oracle_auroc = membership_aurocs(
+            {k: v[members] for k, v in reference.items()}, {k: v[controls] for k, v in reference.items()}
+        )["min_k"]
+        out["oracle/forget_quality"] = quality.pvalue
+        out["oracle/ks"] = quality.statistic
+        out["oracle/auroc_mink"] = oracle_auroc
+        out["oracle/privleak"] = (
+            privacy_leakage(out["mia/mem/auroc_mink"], oracle_auroc) if oracle_auroc < 1.0 else math.nan
+        )
+        return out
+
     @torch.no_grad()
     def evaluation_metrics(
         self, datamodule: Any, shard: bool = False, reference_state_dict: Mapping[str, Tensor] | None = None
     ) -> dict[str, float]:
-        """Canary recall, held-out perplexity and nDCG@k of the current weights (the pruning report's figures).
+        """Canary recall, held-out perplexity, nDCG@k and membership inference of the current weights (the pruning
+        report's figures), with the distance to the never-trained oracle when there is one.
 
         ``reference_state_dict``: the unedited weights for nDCG (and ``memorized_set="mined"``); default: the
         reference cached so far, else the current weights."""
@@ -580,6 +677,7 @@ class CausalLMModule(pl.LightningModule):
             metrics["val/perplexity"] = float(perplexity.compute())
             metrics |= self.shifted_recall(datamodule)
             metrics[f"val/ndcg@{self.hparams.ndcg_k}"] = self.ndcg(datamodule)
+            metrics |= self.membership_metrics(datamodule)
         finally:
             self.train(was_training)
         return metrics

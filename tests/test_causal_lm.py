@@ -272,3 +272,47 @@ def test_gpt2_with_tied_embeddings_is_scored_against_its_unedited_reference(data
         module.model.transformer.h[0].mlp.c_fc.weight.mul_(0.1)
     assert module.evaluation_metrics(datamodule)["val/ndcg@10"] < 1.0
     assert len(select_linear_layers(module, ["model.transformer.h.*.mlp.c_fc"])) == 2
+
+
+def test_membership_inference_per_level_and_the_distance_to_an_oracle(datamodule, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from memcurve.metrics.unlearning import sequence_scores
+
+    module = CausalLMModule(tiny_config(), ndcg_max_batches=1)
+    trainer(tmp_path).fit(module, datamodule=datamodule)
+    module.eval()
+    metrics = module.membership_metrics(datamodule)
+    examples = datamodule.canary_examples()
+    scores = sequence_scores(
+        module.model, examples["prefixes"], examples["suffixes"], pad_token_id=datamodule.pad_token_id, k=0.4
+    )
+    levels = examples["levels"]
+    for name, mask in (("dup1", levels == 1), ("dup16", levels == 16), ("mem", levels >= 16)):
+        rows = mask | (levels == 0)
+        member = mask[rows].numpy()
+        assert metrics[f"mia/{name}/auroc_loss"] == pytest.approx(
+            roc_auc_score(member, -scores["loss"][rows]), abs=1e-6
+        )
+        assert metrics[f"mia/{name}/auroc_mink"] == pytest.approx(
+            roc_auc_score(member, scores["min_k"][rows]), abs=1e-6
+        )
+        assert metrics[f"mia/{name}/nll"] == pytest.approx(float(scores["normalized_log_likelihood"][mask].mean()))
+    assert not any(key.startswith("oracle/") for key in metrics)
+
+    # The oracle: its own weights are at distance zero; a checkpoint path is read at the first evaluation.
+    module.set_oracle(module.state_dict())
+    same = module.membership_metrics(datamodule)
+    assert same["oracle/ks"] == 0.0 and same["oracle/forget_quality"] == 1.0 and same["oracle/privleak"] == 0.0
+    other = CausalLMModule(tiny_config())  # untrained: a different model
+    path = tmp_path / "oracle.ckpt"
+    torch.save({"state_dict": other.state_dict()}, path)
+    with pytest.raises(FileNotFoundError, match=r"oracle_checkpoint='.*missing\.ckpt' is not a file"):
+        CausalLMModule(tiny_config(), oracle_checkpoint=str(tmp_path / "missing.ckpt")).setup("validate")
+    from_path = CausalLMModule(tiny_config(), oracle_checkpoint=str(path))
+    from_path.load_state_dict(module.state_dict())
+    from_path.eval()
+    module.set_oracle(other.state_dict())
+    want, got = module.membership_metrics(datamodule), from_path.membership_metrics(datamodule)
+    assert got == pytest.approx(want, nan_ok=True) and want["oracle/ks"] > 0  # privleak: NaN when the oracle AUROC is 1
+    assert want["oracle/auroc_mink"] != same["oracle/auroc_mink"]

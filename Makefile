@@ -14,7 +14,7 @@ DEMO_CONFIG ?= configs/vit_digits_noisy.yaml
 DEMO_LM_CONFIG ?= configs/olmo2_tiny_canaries.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-vit demo-lm test test-slow tb lint bench protocol data-fashion-mnist clean-venv
+.PHONY: venv demo demo-vit demo-lm test test-slow tb lint bench protocol data-fashion-mnist clean-venv gpu-wheels gpu-check
 
 $(DEPS_STAMP): pyproject.toml
 	@test -x $(VENV_PY) || { echo "memcurve: creating venv in $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -67,6 +67,19 @@ protocol: venv
 	$(VENV)/bin/memcurve sweep --config configs/protocol/olmo2_tiny_canaries_sweep.yaml $(SWEEP_ARGS)
 	$(VENV)/bin/memcurve sweep --config configs/protocol/vit_digits_sweep.yaml $(SWEEP_ARGS)
 	$(VENV_PY) docs/protocol_results.py
+
+# The prepared GPU check (bench/gpu_check.py; README "Scale / GPU check"). Neither target builds the venv: the GPU
+# machine has none (and no package registry), so they use the venv's python when there is one, else python3.
+# gpu-wheels: wheels of what the GPU image lacks -> .gpu-wheels/ (ignored; carried to the device run), idempotent.
+# gpu-check: with CUDA every step and one table (bench/results/gpu_check.md); without, one line and exit 0.
+GPU_PY ?= $(if $(wildcard $(VENV_PY)),$(VENV_PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
+
+gpu-wheels:
+	$(GPU_PY) bench/gpu_check.py --download-wheels
+
+gpu-check:
+	@$(GPU_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Full Fashion-MNIST for configs/vit_fashion_mnist_noisy.yaml (Debian package; needs root).
 data-fashion-mnist:

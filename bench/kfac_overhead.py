@@ -1,6 +1,7 @@
 """How much does collecting K-FAC factors cost, next to plain training steps and to kronfluence?
 
-    python bench/kfac_overhead.py [--repeats 5] [--device cpu|cuda] [--no-kronfluence]
+    python bench/kfac_overhead.py [--repeats 5] [--device cpu|cuda|auto] [--no-kronfluence] [--models M ...]
+                                  [--examples N] [--json PATH]
 
 For a tiny ViT (embed 96, depth 6) and a wider one (embed 384, depth 6), both on the same 1,500 digits images
 (8x8, patch 2: 17 tokens), each measured in its own subprocess so peak memory is per method:
@@ -13,7 +14,9 @@ For a tiny ViT (embed 96, depth 6) and a wider one (embed 384, depth 6), both on
 
 Each time is the median of ``--repeats`` runs after one warm-up; the ratios are printed side by side. The
 goal: memcurve <= 1.15x plain and faster than kronfluence. Also times the energy-threshold selector on
-4096 x 11008 spectra (goal < 1 s).
+4096 x 11008 spectra (goal < 1 s). ``--device cuda`` runs every method on the GPU (kronfluence too);
+``--models`` / ``--examples`` measure fewer models or the first N images only; ``--json PATH`` also writes the
+figures to PATH (what ``bench/gpu_check.py`` reads).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 MODELS = {
     "vit-96x6": {"embed_dim": 96, "depth": 6, "num_heads": 3},
@@ -35,7 +39,7 @@ MODELS = {
 METHODS = ("plain", "memcurve", "memcurve_cls", "kronfluence")
 
 
-def build(model_key: str, device: str):
+def build(model_key: str, device: str, examples: int | None = None):
     import timm
     import torch
 
@@ -48,6 +52,14 @@ def build(model_key: str, device: str):
     datamodule = NoisyLabelDataModule(source="digits", val_size=297, eval_batch_size=128)
     datamodule.setup("fit")
     batches = [(batch["image"].to(device), batch["label"].to(device)) for batch in datamodule.memorization_dataloader()]
+    if examples is not None:  # the first ``examples`` images, in the same batches
+        kept, left = [], examples
+        for images, labels in batches:
+            if left <= 0:
+                break
+            kept.append((images[:left], labels[:left]))
+            left -= len(images[:left])
+        batches = kept
     return model, batches
 
 
@@ -132,12 +144,12 @@ def kronfluence_runner(model, batches, device: str):
     return run
 
 
-def measure(model_key: str, method: str, repeats: int, device: str) -> dict:
+def measure(model_key: str, method: str, repeats: int, device: str, examples: int | None = None) -> dict:
     """Run in a fresh process: median seconds of ``repeats`` runs after a warm-up, and peak memory."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    model, batches = build(model_key, device)
+    model, batches = build(model_key, device, examples)
     if method == "kronfluence":
         run = kronfluence_runner(model, batches, device)
     else:
@@ -184,13 +196,28 @@ def time_selector() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to measure")
+    parser.add_argument("--examples", type=int, default=None, help="measure the first N images only (default: all)")
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.examples is not None and args.examples < 1:
+        parser.error(f"--examples {args.examples} must be a positive number of images")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
-        print(json.dumps(measure(*args.worker, args.repeats, args.device)))
+        print(json.dumps(measure(*args.worker, args.repeats, device, args.examples)))
         return
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
     methods = [m for m in METHODS if not (m == "kronfluence" and args.no_kronfluence)]
     if "kronfluence" in methods:
         try:
@@ -200,14 +227,16 @@ def main() -> None:
             methods.remove("kronfluence")
     import torch
 
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(
-        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"median of {args.repeats} runs after a warm-up; each method in its own process"
+        f"torch {torch.__version__}, device {device} ({name}), median of {args.repeats} runs after a warm-up; "
+        "each method in its own process"
     )
     header = f"{'model':<11} {'method':<12} {'seconds':>8} {'x plain':>8} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
-    for model_key in MODELS:
+    record: dict = {"device": device, "device_name": name, "torch": torch.__version__, "models": {}}
+    for model_key in args.models:
         results = {}
         for method in methods:
             command = [
@@ -219,23 +248,33 @@ def main() -> None:
                 "--repeats",
                 str(args.repeats),
                 "--device",
-                args.device,
+                device,
             ]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[method] = json.loads(output.strip().splitlines()[-1])
-            ratio = results[method]["seconds"] / results["plain"]["seconds"]
+            if args.examples is not None:
+                command += ["--examples", str(args.examples)]
+            process = subprocess.run(command, capture_output=True, text=True)
+            if process.returncode != 0:
+                sys.stderr.write(process.stdout[-4000:] + process.stderr[-8000:])
+                raise SystemExit(f"kfac_overhead: {model_key} {method} failed with exit code {process.returncode}")
+            results[method] = json.loads(process.stdout.strip().splitlines()[-1])
+            results[method]["x_plain"] = results[method]["seconds"] / results["plain"]["seconds"]
             print(
-                f"{model_key:<11} {method:<12} {results[method]['seconds']:>8.3f} {ratio:>7.2f}x "
+                f"{model_key:<11} {method:<12} {results[method]['seconds']:>8.3f} {results[method]['x_plain']:>7.2f}x "
                 f"{results[method]['peak_mib']:>9.0f}",
                 flush=True,
             )
+        record["models"][model_key] = results
         if "kronfluence" in results:
             speedup = results["kronfluence"]["seconds"] / results["memcurve"]["seconds"]
+            results["kronfluence"]["memcurve_speedup"] = speedup
             print(
                 f"{model_key:<11} memcurve is {speedup:.2f}x faster than kronfluence "
                 f"({results['memcurve']['examples']} examples x 17 tokens)"
             )
-    print(f"threshold selector, 4096 x 11008 spectra (45M pairs): {time_selector() * 1000:.1f} ms (goal < 1000 ms)")
+    record["selector_ms"] = time_selector() * 1000
+    print(f"threshold selector, 4096 x 11008 spectra (45M pairs): {record['selector_ms']:.1f} ms (goal < 1000 ms)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Factor collection at scale: tokens/s and peak memory next to plain training steps, and factor accuracy.
 
-    python bench/scale.py [--device auto|cuda|cpu] [--repeats 3] [--batches N] [--batch-size B] [--seq-len T]
+    python bench/scale.py [--device auto|cuda|cpu] [--preset auto|gpu|cpu|tiny] [--repeats 3] [--batches N]
+                          [--batch-size B] [--seq-len T] [--json PATH]
 
 An OLMo-2 built from config (no download) with the paper's layer choice scaled down — the gate and up projections
 of the top three decoder layers (the 7B run tracks layers 23-25 of 32) — measured in separate processes so each
@@ -19,7 +20,9 @@ over the layers, for A and for G.
 GPU (``--device cuda``, the default when one is available): hidden 1024, 8 layers, intermediate 2816, bf16 model,
 8 x 512 tokens per batch, 20 batches. Goal: kfac <= 1.2x plain. CPU: a scaled-down model (hidden 256, 4 layers,
 float32 — bf16 matmuls are not representative on CPUs), 4 x 128 tokens, 4 batches; the figures printed are CPU
-figures and say so (peak memory there: the growth of the max RSS after the model is built).
+figures and say so (peak memory there: the growth of the max RSS after the model is built). ``--preset tiny``
+(hidden 64, 4 layers, 2 batches of 2 x 32 tokens) only proves the script runs (``bench/gpu_check.py --rehearse``);
+``--json PATH`` also writes every figure to PATH (what ``bench/gpu_check.py`` reads).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 METHODS = ("plain", "kfac", "kfac_2pass")
 SETTINGS = {
-    "cuda": {
+    "gpu": {
         "hidden_size": 1024,
         "num_hidden_layers": 8,
         "intermediate_size": 2816,
@@ -55,6 +59,17 @@ SETTINGS = {
         "batch_size": 4,
         "seq_len": 128,
         "batches": 4,
+        "dtype": "float32",
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "vocab_size": 256,
+        "batch_size": 2,
+        "seq_len": 32,
+        "batches": 2,
         "dtype": "float32",
     },
 }
@@ -191,13 +206,27 @@ def check(device: str, settings: dict) -> dict:
     return errors
 
 
+def run_worker(command: list[str]) -> dict:
+    """Run one worker process; its last stdout line is its JSON result. A failing worker stops the bench with its
+    error output."""
+    process = subprocess.run(command, capture_output=True, text=True)
+    if process.returncode != 0:
+        sys.stderr.write(process.stdout[-4000:] + process.stderr[-8000:])
+        raise SystemExit(f"scale bench: worker {command[3]!r} failed with exit code {process.returncode}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument(
+        "--preset", default="auto", choices=("auto", *SETTINGS), help="model and data sizes (auto: by device)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = args.device
@@ -205,7 +234,8 @@ def main() -> None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = dict(SETTINGS["cuda" if device.startswith("cuda") else "cpu"])
+    preset = args.preset if args.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
+    settings = dict(SETTINGS[preset])
     for key in ("batches", "batch_size", "seq_len"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -237,13 +267,14 @@ def main() -> None:
     header = f"{'method':<11} {'seconds':>8} {'tokens/s':>10} {'x plain':>8} {'peak memory':>12}"
     print(header)
     print("-" * len(header))
+    sizes = []
+    for key in ("batches", "batch_size", "seq_len"):
+        sizes += [f"--{key.replace('_', '-')}", str(settings[key])]
+    common = ["--device", device, "--preset", preset, *sizes]
     results = {}
     for method in METHODS:
-        command = [sys.executable, __file__, "--worker", method, "--device", device, "--repeats", str(args.repeats)]
-        for key in ("batches", "batch_size", "seq_len"):
-            command += [f"--{key.replace('_', '-')}", str(settings[key])]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[method] = result = json.loads(output.strip().splitlines()[-1])
+        command = [sys.executable, __file__, "--worker", method, "--repeats", str(args.repeats), *common]
+        results[method] = result = run_worker(command)
         ratio = result["seconds"] / results["plain"]["seconds"]
         print(
             f"{method:<11} {result['seconds']:>8.3f} {result['tokens_per_s']:>10,.0f} {ratio:>7.2f}x "
@@ -255,18 +286,31 @@ def main() -> None:
         f"kfac / plain = {ratio:.2f}x (goal <= 1.2x{' on a GPU' if not device.startswith('cuda') else ''}); "
         f"peak memory is {results['kfac']['peak_kind']}"
     )
-    command = [sys.executable, __file__, "--worker", "check", "--device", device]
-    for key in ("batches", "batch_size", "seq_len"):
-        command += [f"--{key.replace('_', '-')}", str(settings[key])]
-    errors = json.loads(
-        subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    )
+    errors = run_worker([sys.executable, __file__, "--worker", "check", *common])
     tolerance = TOLERANCE[settings["dtype"]]
     verdict = "OK" if max(errors.values()) <= tolerance else "ABOVE TOLERANCE"
     print(
         f"factors vs CPU float64 (2 batches, empirical Fisher): max relative error A {errors['A']:.2e}, "
         f"G {errors['G']:.2e} (tolerance {tolerance:g} for {settings['dtype']} weights): {verdict}"
     )
+    if args.json:
+        record = {
+            "device": device,
+            "device_name": name,
+            "torch": torch.__version__,
+            "preset": preset,
+            "settings": settings,
+            "repeats": args.repeats,
+            "methods": results,
+            "kfac_over_plain": ratio,
+            "kfac_2pass_over_plain": results["kfac_2pass"]["seconds"] / results["plain"]["seconds"],
+            "goal": 1.2,
+            "factor_errors": errors,
+            "tolerance": tolerance,
+            "factors_ok": verdict == "OK",
+            "memory_plan": {"sums_bytes": plan.ranks[0].collect, "owner_peak_bytes": plan.peak},
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@
     memcurve probe    --config RUN.yaml --ckpt_path CKPT --factors FACTORS --layers '[...]'
     memcurve prune    --config RUN.yaml --ckpt_path CKPT --method '[kfac, svd]' --layers '[...]' --energy '[0.6, 0.8]'
     memcurve compare  --config RUN.yaml --ckpt_path CKPT --config EDITS.yaml   (edits: a list of method, layers,
-                      energy / keep_fraction / ratio; e.g. kfac, svd and bsn, each at its own strengths)
+                      energy / keep_fraction / ratio / steps; e.g. kfac, svd, bsn and npo, each at its own strengths)
+    memcurve compare  --config RUN.yaml --ckpt_path CKPT --method '[npo, rmu]' --layers '[...]' --steps '[10, 40]' \
+                      --unlearning.lr 1e-4            (the gradient unlearning baselines: their strength is --steps)
     memcurve edit     --source HF_FOLDER_OR_CKPT --output OUT --factors FACTORS --layers '[...]' --energy 0.6
 
 ``--config RUN.yaml`` is a run config (``configs/*.yaml`` or the ``config.yaml`` a run saved beside its logs): the
 analysis commands build its model, data and Trainer — precision, strategy, devices and limits included — and run
 their callback through ``trainer.validate``. The names of the analysis flags are the arguments of the callbacks
-(``KFACFactors``, ``BandActivationProbe``, ``KFACPruning`` / ``SVDPruning`` / ``BalancedSubnetPruning``) and of
-:class:`memcurve.editing.EditRequest`; every command accepts more ``--config`` files of its own flags (YAML) and
-prints its resolved configuration with ``--print_config``.
+(``KFACFactors``, ``BandActivationProbe``, ``KFACPruning`` / ``SVDPruning`` / ``BalancedSubnetPruning`` /
+``UnlearningPruning``) and of :class:`memcurve.editing.EditRequest`; every command accepts more ``--config`` files
+of its own flags (YAML) and prints its resolved configuration with ``--print_config``.
 """
 
 from __future__ import annotations
@@ -53,11 +55,14 @@ from memcurve.curvature.tracker import select_linear_layers
 from memcurve.data.held_out import HeldOutSettings, HeldOutSplits, held_out_size, split_held_out, subset_loader
 from memcurve.data.text_datamodule import TextDataModule
 from memcurve.editing import (
+    EDIT_METHODS,
+    UNLEARNING_METHODS,
     BalancedSubnetSettings,
     EditRequest,
     EditRow,
     OutputGuard,
     Scorer,
+    UnlearningSettings,
     edit_checkpoint,
     log_rows,
     plot_rows,
@@ -74,8 +79,10 @@ from memcurve.editing.protocol import (
     single_validation_loader,
     strength_requests,
 )
+from memcurve.editing.request import STRENGTH_KINDS, strength_kinds
 from memcurve.editing.sweep import budget_table, curve_table, plot_sweep, results_markdown, sweep_points
 from memcurve.lightning_modules import CausalLMModule
+from memcurve.utils.arguments import check_choice
 from memcurve.utils.files import atomic_write, check_output_folder
 
 __all__ = ["COMMANDS", "EditSpec", "MemcurveCLI", "instantiate", "main", "run"]
@@ -253,7 +260,8 @@ class EditSpec:
     """One method on one layer set at one or more strengths (each value gives one :class:`EditRequest`)."""
 
     method: str
-    """``kfac``, ``kfac-separable``, ``svd`` or ``bsn``."""
+    """``kfac``, ``kfac-separable``, ``svd``, ``bsn``, or an unlearning baseline: ``ga``, ``graddiff``, ``npo``,
+    ``simnpo``, ``rmu``."""
     layers: list[str]
     """Module-name patterns (globs or ``re:<regex>``) of the linear layers to edit."""
     energy: list[float] | Literal["auto"] = field(default_factory=list)
@@ -262,18 +270,26 @@ class EditSpec:
     """Fractions of directions (eigen-pairs or singular directions) to keep, each in (0, 1]; or ``auto``."""
     ratio: list[float] | Literal["auto"] = field(default_factory=list)
     """BalancedSubnet: fractions of each layer's weights to prune, each in (0, 1); or ``auto``."""
+    steps: list[int] | Literal["auto"] = field(default_factory=list)
+    """The unlearning baselines: numbers of unlearning steps, each a positive integer; or ``auto``."""
 
     def requests(self) -> list[EditRequest | AutoRequest]:
         """One request per value; ``auto`` gives one :class:`AutoRequest` (the strength chosen under a budget)."""
         return strength_requests(
-            self.method, self.layers, energy=self.energy, keep_fraction=self.keep_fraction, ratio=self.ratio
+            self.method,
+            self.layers,
+            energy=self.energy,
+            keep_fraction=self.keep_fraction,
+            ratio=self.ratio,
+            steps=self.steps,
         )
 
     @property
     def kind(self) -> str:
         """The strength kind of this spec (``auto`` searches over it in ``memcurve sweep``)."""
-        if self.method == "bsn":
-            return "ratio"
+        kinds = strength_kinds(self.method)
+        if len(kinds) == 1:  # bsn: ratio; the unlearning methods: steps
+            return kinds[0]
         return "keep_fraction" if self.keep_fraction and not self.energy else "energy"
 
 
@@ -288,7 +304,7 @@ def _edit_flags(parser: LightningArgumentParser) -> None:
         "--edits",
         type=list[EditSpec],
         default=[],
-        help="edits as a list (YAML): method, layers, energy / keep_fraction / ratio lists",
+        help="edits as a list (YAML): method, layers, energy / keep_fraction / ratio / steps lists",
     )
     parser.add_argument(
         "--method",
@@ -304,7 +320,19 @@ def _edit_flags(parser: LightningArgumentParser) -> None:
     parser.add_argument(
         "--ratio", type=list[float] | Literal["auto"], default=[], help="BalancedSubnet strengths of the shorthand"
     )
+    parser.add_argument(
+        "--steps",
+        type=list[int] | Literal["auto"],
+        default=[],
+        help=f"step counts of the shorthand's unlearning methods {UNLEARNING_METHODS}",
+    )
     parser.add_argument("--bsn", type=BalancedSubnetSettings, default=BalancedSubnetSettings())
+    parser.add_argument(
+        "--unlearning",
+        type=UnlearningSettings,
+        default=UnlearningSettings(),
+        help="the unlearning baselines' settings (method and steps come from --method / --steps or --edits)",
+    )
     parser.add_argument(
         "--budget",
         type=Budget | None,
@@ -331,21 +359,40 @@ def _edit_flags(parser: LightningArgumentParser) -> None:
     )
 
 
+def _strength_owners(kind: str) -> str:
+    """``kfac, kfac-separable and svd``: the methods whose strength is ``kind``."""
+    owners = [method for method in EDIT_METHODS if kind in strength_kinds(method)]
+    return ", ".join(owners[:-1]) + " and " + owners[-1] if len(owners) > 1 else owners[0]
+
+
 def _requests(config: Any) -> list[EditRequest | AutoRequest]:
     specs = list(config["edits"])
+    given = {kind: config[kind] for kind in STRENGTH_KINDS if config[kind]}
     if config["method"]:
         if not config["layers"]:
             raise ValueError("--method needs --layers (the layer patterns to edit)")
         for method in config["method"]:
-            strengths = (
-                {"ratio": config["ratio"]}
-                if method == "bsn"
-                else {"energy": config["energy"], "keep_fraction": config["keep_fraction"]}
-            )
-            strengths = {k: v if v == AUTO else list(v) for k, v in strengths.items()}
+            check_choice("method", method, EDIT_METHODS)
+            kinds = strength_kinds(method)
+            strengths = {k: v if v == AUTO else list(v) for k, v in given.items() if k in kinds}
+            if not strengths:
+                others = "; ".join(f"--{k} {v!r} is for {_strength_owners(k)}" for k, v in given.items())
+                raise ValueError(
+                    f"method={method!r} needs at least one {' or '.join(kinds)} value; got none"
+                    + (f" ({others})" if others else "")
+                )
             specs.append(EditSpec(method, list(config["layers"]), **strengths))
-    elif config["layers"] or config["energy"] or config["keep_fraction"] or config["ratio"]:
-        raise ValueError("--layers/--energy/--keep_fraction/--ratio are the shorthand of --method: give --method too")
+        taken = {kind for method in config["method"] for kind in strength_kinds(method)}
+        for kind, value in given.items():
+            if kind not in taken:
+                raise ValueError(
+                    f"--{kind} {value!r} is the strength of {_strength_owners(kind)}; none of --method "
+                    f"{list(config['method'])} takes it (they take {' / '.join(sorted(taken))})"
+                )
+    elif config["layers"] or given:
+        raise ValueError(
+            "--layers/--energy/--keep_fraction/--ratio/--steps are the shorthand of --method: give --method too"
+        )
     if not specs:
         raise ValueError("nothing to edit: give --edits '[{method: kfac, layers: [...], energy: [0.6]}]' or --method")
     requests = [request for spec in specs for request in spec.requests()]
@@ -398,6 +445,7 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
             "choose another --output_dir or pass --overwrite true"
         )
     budget, held_out = config["budget"], config["held_out"]
+    _check_unlearning_flags(config["unlearning"], "--unlearning")
     if any(isinstance(r, AutoRequest) for r in requests) and budget is None:
         raise ValueError("an auto strength needs --budget (e.g. --budget.max_accuracy_drop 0.01)")
     if (budget is not None or held_out is not None) and not config["evaluate"]:
@@ -420,6 +468,7 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
         datamodule=datamodule,
         factors=factors,
         bsn=config["bsn"],
+        unlearning=config["unlearning"],
         scorer=Scorer(module, datamodule, cli.trainer) if config["evaluate"] and protocol is None else None,
         protocol=protocol,
         save=config["save"],
@@ -440,6 +489,20 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
     print(table)
     print(f"memcurve {command}: report {output_dir / (name + '.csv')}, table {output_dir / (name + '.md')}")
     return rows
+
+
+def _check_unlearning_flags(settings: UnlearningSettings, argument: str) -> None:
+    """The unlearning settings of a command hold everything but the method and the step count, which each edit
+    gives (``--method`` / ``--steps`` or ``--edits``): a value set there would be silently replaced, so it is
+    refused."""
+    default = UnlearningSettings()
+    for name in ("method", "steps"):
+        value = getattr(settings, name)
+        if value != getattr(default, name):
+            raise ValueError(
+                f"{argument}.{name}={value!r}: each edit gives its own {name} (--method / --steps, or --edits); "
+                f"leave {argument}.{name} out"
+            )
 
 
 def _run_seed(config: Any) -> int:
@@ -483,6 +546,7 @@ DEFAULT_SEED_OVERRIDES = [
 ]
 MEMORIZATION_METRICS = ("mem/noised_acc", "mem/strict")
 DEFAULT_HELD_OUT, DEFAULT_AUTO, DEFAULT_BSN = HeldOutSettings(), AutoSettings(), BalancedSubnetSettings()
+DEFAULT_UNLEARNING = UnlearningSettings()
 
 
 def sweep(
@@ -500,6 +564,7 @@ def sweep(
     factors: str | None = None,
     auto: AutoSettings = DEFAULT_AUTO,
     bsn: BalancedSubnetSettings = DEFAULT_BSN,
+    unlearning: UnlearningSettings = DEFAULT_UNLEARNING,
     memorization_metric: str | None = None,
     title: str | None = None,
     overwrite: bool = False,
@@ -531,6 +596,8 @@ def sweep(
         factor_settings: the factor pass (``FactorSettings``).
         factors: an existing factor file per seed (``{seed}`` filled in) instead of collecting one.
         auto: the candidate strengths of ``auto``; bsn: BalancedSubnet's settings.
+        unlearning: the unlearning baselines' settings (each edit gives the method; the grid and ``auto`` the
+            steps).
         memorization_metric: the memorized-set metric (default: ``mem/noised_acc`` or ``mem/strict``).
         title: the figure's title (default: the run config's name).
         overwrite: replace an existing sweep in ``output_dir``.
@@ -542,6 +609,7 @@ def sweep(
     requests = [request for spec in edits for request in spec.requests()]
     if any(isinstance(r, AutoRequest) for r in requests):
         raise ValueError("--edits of a sweep take grid strengths (lists); auto runs at every budget by itself")
+    _check_unlearning_flags(unlearning, "--unlearning")
     if factor_data == "held_out" and held_out.factor_fraction <= 0:
         raise ValueError("--factor_data held_out needs --held_out.factor_fraction > 0 (the factor role's share)")
     if not Path(run_config).is_file():
@@ -595,7 +663,8 @@ def sweep(
                     module, datamodule, splits, factor_data, layers, factor_settings, folder / "kfac.safetensors"
                 )
         protocol = Protocol(module, datamodule, splits, budget_list[0], trainer=cli.trainer, auto=auto)
-        common = {"module": module, "datamodule": datamodule, "factors": factor_path, "bsn": bsn, "save": False}
+        common = {"module": module, "datamodule": datamodule, "factors": factor_path, "save": False}
+        common |= {"bsn": bsn, "unlearning": unlearning}
         rows = edit_checkpoint(checkpoint, ckpt, requests, protocol=protocol, **common)
         for budget in budget_list:
             protocol.budget = budget
@@ -882,7 +951,7 @@ COMMANDS = {
     "factors": "collect K-FAC factors of a run's checkpoint, or of a pretrained HF causal LM on text (--text)",
     "probe": "band activations of memorized vs other examples in the K-FAC and SVD bases",
     "prune": "sweep edits (methods x strengths x layer sets) of one checkpoint: report, table, figure",
-    "compare": "K-FAC, SVD and BalancedSubnet side by side on one checkpoint: one comparison table",
+    "compare": "K-FAC, SVD, BalancedSubnet and unlearning baselines side by side on one checkpoint: one table",
     "sweep": "memorization against held-out cost over strengths and seeds; auto strengths at budgets (held-out)",
     "edit": "edit a HF model folder or a Lightning checkpoint into a new one, layer by layer",
 }

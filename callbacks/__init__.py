@@ -6,6 +6,7 @@ from memcurve.callbacks.kfac_factors import KFACFactors
 from memcurve.callbacks.kfac_pruning import KFACPruning
 from memcurve.callbacks.memorization_eval import MemorizationEval
 from memcurve.callbacks.svd_pruning import SVDPruning
+from memcurve.callbacks.unlearning_pruning import UnlearningPruning
 
 __all__ = [
     "BalancedSubnetPruning",
@@ -16,4 +17,5 @@ __all__ = [
     "MemorizationEval",
     "ProbeAdapter",
     "SVDPruning",
+    "UnlearningPruning",
 ]

@@ -52,6 +52,7 @@ from memcurve.editing import (
     EditRow,
     OutputGuard,
     Scorer,
+    UnlearningSettings,
     check_scorable,
     edit_checkpoint,
     log_rows,
@@ -215,6 +216,15 @@ class CheckpointPruning(pl.Callback):
     def bsn_settings(self) -> BalancedSubnetSettings | None:
         return None
 
+    def unlearning_settings(self) -> UnlearningSettings | None:
+        """The unlearning baselines' settings (:class:`~memcurve.callbacks.UnlearningPruning`); None: the method
+        trains nothing."""
+        return None
+
+    def trains(self) -> bool:
+        """Whether the method trains on the module (BalancedSubnet's mask, the unlearning baselines)."""
+        return self.bsn_settings() is not None or self.unlearning_settings() is not None
+
     def check_factors(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Setup-time checks of what the method reads (K-FAC: the factor file or the KFACFactors callback)."""
 
@@ -300,16 +310,18 @@ class CheckpointPruning(pl.Callback):
 
     def unsharded_copy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule | None:
         """Under a strategy that shards parameters (FSDP, FSDP2 through ``ModelParallelStrategy``), global rank
-        zero keeps a copy of the module made now, before the strategy shards it: scoring and BalancedSubnet's
-        training run on rank zero alone, so they need whole parameters (each edit loads the checkpoint's weights
-        into it). Host memory for one more copy of the model on rank zero; none without ``evaluate`` or BSN."""
-        if not shards_parameters(trainer.strategy) or not (self.evaluate or self.bsn_settings() is not None):
+        zero keeps a copy of the module made now, before the strategy shards it: scoring and the trained methods
+        (BSN's mask, the unlearning baselines) run on rank zero alone, so they need whole parameters (each edit
+        loads the checkpoint's weights into it). Host memory for one more copy of the model on rank zero; none
+        without ``evaluate`` or a trained method."""
+        if not shards_parameters(trainer.strategy) or not (self.evaluate or self.trains()):
             return None
         if parameters_sharded(pl_module):
             raise ValueError(
-                f"{type(self).__name__}(evaluate=True) under {type(trainer.strategy).__name__}: the module's "
-                "parameters are already sharded at setup, so there is no whole copy to score on rank zero; shard in "
-                "configure_model (Lightning calls it after the callbacks' setup), or pass evaluate=False"
+                f"{type(self).__name__} under {type(trainer.strategy).__name__}: the module's parameters are already "
+                "sharded at setup, so there is no whole copy to score or train on rank zero; shard in configure_model "
+                "(Lightning calls it after the callbacks' setup)"
+                + ("" if self.trains() else ", or pass evaluate=False")
             )
         return single_process_copy(pl_module) if trainer.is_global_zero else None
 
@@ -371,6 +383,7 @@ class CheckpointPruning(pl.Callback):
             datamodule=trainer.datamodule,
             factors=self.factors_for(checkpoint),
             bsn=self.bsn_settings(),
+            unlearning=self.unlearning_settings(),
             scorer=Scorer(module, trainer.datamodule, trainer) if self.evaluate and protocol is None else None,
             protocol=protocol,
             save=self.save_pruned,

@@ -6,7 +6,8 @@ a ratio of a lower-is-better metric); :func:`candidate_strengths` lists the stre
 weakest edit to the strongest; :func:`strongest_within` finds the strongest one within the budget.
 
 **What the bisection assumes.** The cost of an edit does not decrease as the edit gets stronger (keeping fewer
-eigen-pairs / singular directions, or pruning a larger BalancedSubnet ratio), so "within budget" holds for a prefix
+eigen-pairs / singular directions, pruning a larger BalancedSubnet ratio, or running more unlearning steps — each step
+count is a point on one trajectory, :mod:`memcurve.editing.unlearning`), so "within budget" holds for a prefix
 of the candidates ordered weakest → strongest. Under that assumption the binary search returns exactly the last
 candidate of the prefix after at most ⌈log2(n + 1)⌉ evaluations. It is *checked* on every point measured (those the
 search evaluates and any others measured on the same data, such as a sweep's grid): a stronger edit that costs less
@@ -22,9 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AUTO", "AutoResult", "Budget", "candidate_strengths", "strongest_within"]
+__all__ = ["ASCENDING_KINDS", "AUTO", "KINDS", "AutoResult", "Budget", "candidate_strengths", "strongest_within"]
 
 AUTO = "auto"
+KINDS = ("energy", "keep_fraction", "ratio", "steps")  # the strength kinds of every edit (EditRequest)
+# Strength kinds where a larger value is a stronger edit (energy and keep_fraction: smaller = stronger).
+ASCENDING_KINDS = ("ratio", "steps")
+# Default ranges of the candidates: (weakest or strongest end, the other end), per kind.
+_DEFAULT_RANGE = {"energy": (1e-4, 1.0), "keep_fraction": (1e-4, 1.0), "ratio": (1e-4, 0.5), "steps": (1, 100)}
 
 
 @dataclass(frozen=True)
@@ -91,19 +97,32 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def candidate_strengths(kind: str, minimum: float = 1e-4, maximum: float | None = None, resolution: float = 0.02):
+def candidate_strengths(
+    kind: str, minimum: float | None = None, maximum: float | None = None, resolution: float = 0.02
+) -> list[float] | list[int]:
     """The strengths ``auto`` chooses from, ordered from the weakest edit to the strongest: a geometric grid with
     neighbouring values a factor ``1 + resolution`` apart (both ends included).
 
     ``energy`` / ``keep_fraction`` (smaller = stronger): from ``maximum`` (default 1, the identity edit) down to
-    ``minimum``; ``ratio`` (BalancedSubnet, larger = stronger): from ``minimum`` up to ``maximum`` (default 0.5)."""
-    if kind not in ("energy", "keep_fraction", "ratio"):
-        raise ValueError(f"strength kind={kind!r} is not one of ('energy', 'keep_fraction', 'ratio')")
+    ``minimum`` (default 1e-4); ``ratio`` (BalancedSubnet, larger = stronger): from ``minimum`` (default 1e-4) up to
+    ``maximum`` (default 0.5); ``steps`` (the unlearning methods, larger = stronger): integers from ``minimum``
+    (default 1) up to ``maximum`` (default 100), the geometric grid rounded and de-duplicated (so every integer
+    where neighbours of the grid are less than one step apart)."""
+    if kind not in KINDS:
+        raise ValueError(f"strength kind={kind!r} is not one of {KINDS}")
     if not (_number(resolution) and resolution > 0):
         raise ValueError(f"auto resolution={resolution!r} must be a number > 0 (0.02: candidates 2% apart)")
-    maximum = (0.5 if kind == "ratio" else 1.0) if maximum is None else maximum
+    low, high = _DEFAULT_RANGE[kind]
+    minimum = low if minimum is None else minimum
+    maximum = high if maximum is None else maximum
+    if kind == "steps":
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (minimum, maximum))
+        if not (integers and 1 <= minimum < maximum):
+            raise ValueError(
+                f"auto range [{minimum!r}, {maximum!r}] of steps must be integers with 1 <= minimum < maximum"
+            )
     upper = 1.0 if kind != "ratio" else 1.0 - 1e-9
-    if not (_number(minimum) and _number(maximum) and 0 < minimum < maximum <= upper):
+    if kind != "steps" and not (_number(minimum) and _number(maximum) and 0 < minimum < maximum <= upper):
         raise ValueError(
             f"auto range [{minimum!r}, {maximum!r}] of {kind} must satisfy 0 < minimum < maximum <= "
             f"{'1' if kind != 'ratio' else '< 1'}"
@@ -111,8 +130,10 @@ def candidate_strengths(kind: str, minimum: float = 1e-4, maximum: float | None 
     count = max(2, math.ceil(math.log(maximum / minimum) / math.log1p(resolution)) + 1)
     grid = np.geomspace(minimum, maximum, count)
     grid[0], grid[-1] = minimum, maximum  # exact ends
+    if kind == "steps":
+        return sorted({round(float(v)) for v in grid})
     values = [float(v) for v in grid]
-    return values if kind == "ratio" else values[::-1]
+    return values if kind in ASCENDING_KINDS else values[::-1]
 
 
 @dataclass

@@ -2,13 +2,16 @@
 
 ``kfac`` / ``kfac-separable`` / ``svd`` are closed-form edits (:func:`memcurve.curvature.edit_state_dict`);
 ``bsn`` trains a BalancedSubnet mask on a copy of the module loaded with the state dict, on the forget / retain data
-the module provides (see :class:`BalancedSubnetSettings`). Inputs are never modified: the result is a shallow copy of
-the state dict with only the edited layers' tensors replaced.
+the module provides (see :class:`BalancedSubnetSettings`); the gradient unlearning methods (``ga``, ``graddiff``,
+``npo``, ``simnpo``, ``rmu``; :mod:`memcurve.editing.unlearning`) fine-tune the layers' weights of such a copy on the
+same data for the request's ``steps``. Inputs are never modified: the result is a shallow copy of the state dict with
+only the edited layers' tensors replaced.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -22,12 +25,24 @@ from memcurve.curvature.balanced_subnet import SCORE_INITS, apply_masks, mask_ed
 from memcurve.curvature.edit import LayerEdit, edit_state_dict
 from memcurve.curvature.storage import StoredFactors
 from memcurve.editing.request import CURVATURE_METHODS, EditRequest
+from memcurve.editing.unlearning import UNLEARNING_METHODS, UnlearningSettings, unlearn
 from memcurve.utils.arguments import check_choice, check_positive_int
 
-__all__ = ["BSN_MODULE_METHODS", "BalancedSubnetSettings", "EditResult", "apply_edit", "check_bsn_module"]
+__all__ = [
+    "BSN_MODULE_METHODS",
+    "UNLEARNING_MODULE_METHODS",
+    "BalancedSubnetSettings",
+    "EditResult",
+    "apply_edit",
+    "check_bsn_module",
+    "check_unlearning_module",
+]
 
 # What a LightningModule provides for BalancedSubnet: which examples are memorized, and the loss of a batch.
 BSN_MODULE_METHODS = ("balanced_subnet_data", "balanced_subnet_loss")
+# What it provides for the gradient unlearning methods: the same forget / retain data (batches are read through the
+# module's FisherAdapter, so no loss method is needed).
+UNLEARNING_MODULE_METHODS = ("balanced_subnet_data",)
 
 
 def _check_range(name: str, value: Any, low: float, high: float = math.inf, open_low: bool = False) -> float:
@@ -78,7 +93,8 @@ class BalancedSubnetSettings:
 
 @dataclass
 class EditResult:
-    """The edited state dict (a shallow copy), each edited layer's :class:`LayerEdit`, and BSN's training history."""
+    """The edited state dict (a shallow copy), each edited layer's :class:`LayerEdit`, and the training history of
+    BSN (per epoch) or of an unlearning method (per step: ``forget_loss``, ``retain_loss``, ``loss``)."""
 
     state_dict: dict[str, Any]
     layers: dict[str, LayerEdit]
@@ -95,6 +111,16 @@ def check_bsn_module(module: Any) -> None:
         )
 
 
+def check_unlearning_module(module: Any, method: str) -> None:
+    """``TypeError`` unless ``module`` provides what the unlearning methods need (:data:`UNLEARNING_MODULE_METHODS`)."""
+    missing = [name for name in UNLEARNING_MODULE_METHODS if not callable(getattr(module, name, None))]
+    if missing:
+        raise TypeError(
+            f"method {method!r} needs {type(module).__name__}.{' and .'.join(missing)}: the module must give the "
+            "forget set (the memorized examples) and retain data"
+        )
+
+
 def apply_edit(
     request: EditRequest,
     state_dict: Mapping[str, Any],
@@ -104,11 +130,14 @@ def apply_edit(
     module: nn.Module | None = None,
     datamodule: Any = None,
     bsn: BalancedSubnetSettings | None = None,
+    unlearning: UnlearningSettings | None = None,
 ) -> EditResult:
     """Edit ``layer_names`` of ``state_dict`` as ``request`` says.
 
     ``factors`` (kind ``eigen``): required for the K-FAC methods; ``module`` and ``datamodule``: required for ``bsn``
-    (the mask is trained on a deep copy of ``module`` loaded with ``state_dict``; the module itself is untouched).
+    and the unlearning methods (the mask / weights are trained on a deep copy of ``module`` loaded with
+    ``state_dict``; the module itself is untouched). ``unlearning``: the unlearning methods' settings, whose
+    ``method`` and ``steps`` the request replaces.
     """
     if request.method in ("kfac", "kfac-separable"):
         if factors is None:
@@ -117,6 +146,8 @@ def apply_edit(
             raise ValueError(
                 f"{factors.path}: holds kind {factors.kind!r}; editing needs kind 'eigen' (KFACFactors store='eigen')"
             )
+    if request.method in UNLEARNING_METHODS:
+        return _unlearning(request, state_dict, layer_names, module, datamodule, unlearning or UnlearningSettings())
     if request.method != "bsn":
         kind, value = request.strength
         edited, layers = edit_state_dict(
@@ -171,3 +202,49 @@ def _balanced_subnet(
 
 def _module_loss(module: Any, batch: Any) -> torch.Tensor:
     return module.balanced_subnet_loss(batch)
+
+
+def _unlearning(
+    request: EditRequest,
+    state_dict: Mapping[str, Any],
+    layer_names: Sequence[str],
+    module: nn.Module | None,
+    datamodule: Any,
+    settings: UnlearningSettings,
+) -> EditResult:
+    check_unlearning_module(module, request.method)
+    if datamodule is None:
+        raise ValueError(f"method {request.method!r} needs the datamodule: it trains on its forget/retain data")
+    settings = dataclasses.replace(settings, method=request.method, steps=request.steps)
+    with torch.inference_mode(False), torch.enable_grad():
+        trainee = copy.deepcopy(module)  # the live model is never modified
+        trainee.load_state_dict(state_dict)
+        forget, retain = trainee.balanced_subnet_data(
+            datamodule, settings.batch_size, max_forget=settings.max_forget, max_retain=settings.max_retain,
+            seed=settings.seed,
+        )  # fmt: skip
+        result = unlearn(trainee, forget, retain, list(layer_names), settings, state_dict=state_dict, inplace=True)
+        del trainee
+    layers = {}
+    for key in result.parameters:
+        layers[key.removesuffix(".weight")] = _weight_edit(request.method, state_dict[key], result.state_dict[key])
+    return EditResult(result.state_dict, layers, result.history)
+
+
+def _weight_edit(method: str, weight: torch.Tensor, edited: torch.Tensor) -> LayerEdit:
+    """A fine-tuned weight as a :class:`LayerEdit`: every weight kept (``kept_pairs = total_pairs =`` its entries),
+    ``energy_kept = ‖W'‖² / ‖W‖²``, no threshold."""
+    before, after = weight.detach().double(), edited.detach().double()
+    norm = float(before.norm())
+    return LayerEdit(
+        method=method,
+        weight=edited,
+        bias=None,
+        homogeneous=False,
+        kept_pairs=weight.numel(),
+        total_pairs=weight.numel(),
+        threshold=math.nan,
+        energy_kept=float(after.norm()) ** 2 / norm**2 if norm > 0 else math.nan,
+        change_norm=float((after - before).norm()),
+        weight_norm=norm,
+    )

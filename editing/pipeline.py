@@ -2,7 +2,8 @@
 
 Every way memcurve edits a checkpoint goes through :func:`edit_checkpoint`: the pruning callbacks (at checkpoint
 time or at the end of fit), ``memcurve prune`` (sweeps of strengths and layer sets) and ``memcurve compare``
-(methods side by side). The original checkpoint dict, its tensors and the live model are never modified; the
+(methods side by side) — the closed-form edits (K-FAC, SVD) and the trained ones (BalancedSubnet's mask, the gradient
+unlearning baselines) alike. The original checkpoint dict, its tensors and the live model are never modified; the
 unedited model is scored once per call.
 
 Factor files are checked against the checkpoint being edited, with or without a module
@@ -25,12 +26,13 @@ from torch import nn
 from memcurve.curvature.layers import clean_module_name
 from memcurve.curvature.storage import FactorFileError, StoredFactors, load_factors, model_fingerprint
 from memcurve.curvature.tracker import select_linear_layers
-from memcurve.editing.methods import BalancedSubnetSettings, apply_edit, check_bsn_module
+from memcurve.editing.methods import BalancedSubnetSettings, apply_edit, check_bsn_module, check_unlearning_module
 from memcurve.editing.outputs import OutputGuard, edited_checkpoint_path, write_edited_checkpoint
 from memcurve.editing.protocol import AutoRequest, Protocol
 from memcurve.editing.report import EditRow
 from memcurve.editing.request import EditRequest
 from memcurve.editing.scoring import Scorer
+from memcurve.editing.unlearning import UNLEARNING_METHODS, UnlearningSettings, default_rmu_layer
 
 __all__ = ["check_factors_match_state_dict", "check_requests", "edit_checkpoint", "summary_line"]
 
@@ -85,11 +87,15 @@ def check_factors_match_state_dict(
 
 
 def check_requests(
-    requests: Sequence[EditRequest], module: nn.Module, factors: FactorSource = None, datamodule: Any = None
+    requests: Sequence[EditRequest | AutoRequest],
+    module: nn.Module,
+    factors: FactorSource = None,
+    datamodule: Any = None,
+    unlearning: UnlearningSettings | None = None,
 ) -> None:
     """Cheap checks before any work: every request's layers exist in ``module``, K-FAC requests have factors (and,
-    when loaded factors are given, they are eigendecompositions holding every selected layer), ``bsn`` requests have
-    a module that provides its data and a datamodule."""
+    when loaded factors are given, they are eigendecompositions holding every selected layer), ``bsn`` and the
+    unlearning methods have a module that provides their data and a datamodule, and RMU's steered module exists."""
     for request in requests:
         names = select_linear_layers(module, list(request.layers))
         if request.method in ("kfac", "kfac-separable"):
@@ -112,6 +118,15 @@ def check_requests(
             check_bsn_module(module)
             if datamodule is None:
                 raise ValueError("method 'bsn' needs the datamodule: it trains the mask on its forget/retain data")
+        if request.method in UNLEARNING_METHODS:
+            check_unlearning_module(module, request.method)
+            if datamodule is None:
+                raise ValueError(f"method {request.method!r} needs the datamodule: it trains on its forget/retain data")
+            rmu_layer = unlearning.rmu_layer if unlearning is not None else None
+            if request.method == "rmu" and rmu_layer is None:
+                default_rmu_layer(module, names)  # refuses layers that sit in no block
+            elif request.method == "rmu" and rmu_layer not in dict(module.named_modules()):
+                raise ValueError(f"rmu_layer={rmu_layer!r} is not a module of {type(module).__name__}")
 
 
 def edit_checkpoint(
@@ -123,6 +138,7 @@ def edit_checkpoint(
     datamodule: Any = None,
     factors: FactorSource = None,
     bsn: BalancedSubnetSettings | None = None,
+    unlearning: UnlearningSettings | None = None,
     scorer: Scorer | None = None,
     protocol: Protocol | None = None,
     save: bool = True,
@@ -132,9 +148,11 @@ def edit_checkpoint(
 ) -> list[EditRow]:
     """Apply every request to ``checkpoint["state_dict"]``; returns one report row per request.
 
-    ``module``: the LightningModule the checkpoint belongs to (layer patterns are resolved against it, ``bsn``
-    trains on a copy of it); ``factors``: a path or loaded factors (K-FAC requests), checked against the checkpoint
-    and the module (:func:`check_factors_match_state_dict`); ``scorer``: scores the unedited and each edited state
+    ``module``: the LightningModule the checkpoint belongs to (layer patterns are resolved against it, ``bsn`` and the
+    unlearning methods train on a copy of it); ``factors``: a path or loaded factors (K-FAC requests), checked against
+    the checkpoint and the module (:func:`check_factors_match_state_dict`); ``bsn`` / ``unlearning``: the settings of
+    the trained methods (an unlearning request's method and steps replace those of ``unlearning``; default
+    :class:`~memcurve.editing.unlearning.UnlearningSettings`); ``scorer``: scores the unedited and each edited state
     dict (None: no metrics); ``save``: write each edited copy (:func:`~memcurve.editing.outputs.edited_checkpoint_path`,
     under ``output_folder`` if given; ``guard`` says what may be replaced).
 
@@ -147,6 +165,8 @@ def edit_checkpoint(
     source = Path(source)
     original = checkpoint["state_dict"]
     guard = guard or OutputGuard()
+    if unlearning is not None and not isinstance(unlearning, UnlearningSettings):
+        raise TypeError(f"unlearning must be an UnlearningSettings, not {type(unlearning).__name__}")
     if any(isinstance(r, AutoRequest) for r in requests) and (protocol is None or protocol.budget is None):
         raise ValueError(
             "an auto strength needs the held-out protocol with a budget (e.g. budget: {max_accuracy_drop: 0.01})"
@@ -160,24 +180,21 @@ def edit_checkpoint(
             raise ValueError("the K-FAC methods need factors=<KFACFactors file or index>")
         stored = factors if isinstance(factors, StoredFactors) else load_factors(factors)
         check_factors_match_state_dict(stored, original, module)
-    check_requests(requests, module, stored, datamodule)
+    check_requests(requests, module, stored, datamodule, unlearning)
     if save:  # every output path before any work: a refused path must not leave earlier copies behind
         for request in requests:
             if isinstance(request, EditRequest):  # an auto strength's path is known once chosen
                 guard.check(edited_checkpoint_path(source, request, output_folder), source=source)
     before = scorer.before(original) if scorer is not None else {}
+    edit_inputs = {"factors": stored, "module": module, "datamodule": datamodule, "bsn": bsn, "unlearning": unlearning}
     rows = []
     for request in requests:
         started = time.perf_counter()
         layer_names = select_linear_layers(module, list(request.layers))
         auto: dict[str, Any] = {}
         if isinstance(request, AutoRequest):
-            request, auto = protocol.choose(
-                request, original, layer_names, factors=stored, module=module, datamodule=datamodule, bsn=bsn, log=log
-            )
-        result = apply_edit(
-            request, original, layer_names, factors=stored, module=module, datamodule=datamodule, bsn=bsn
-        )
+            request, auto = protocol.choose(request, original, layer_names, log=log, **edit_inputs)
+        result = apply_edit(request, original, layer_names, **edit_inputs)
         seconds = time.perf_counter() - started
         selection: dict[str, Any] = {}
         if protocol is not None:
@@ -203,6 +220,7 @@ def edit_checkpoint(
             energy=request.energy,
             keep_fraction=request.keep_fraction,
             ratio=request.ratio,
+            steps=request.steps,
             tag=request.tag,
             layer_names=list(layer_names),
             kept_pairs=kept,
@@ -218,10 +236,11 @@ def edit_checkpoint(
             auto=auto,
         )
         rows.append(row)
-        if result.history:
+        if result.history:  # a trained edit: BalancedSubnet's mask (per epoch) or an unlearning run (per step)
             first, last = result.history[0], result.history[-1]
+            what = "mask training" if request.method == "bsn" else f"unlearning ({len(result.history)} steps)"
             log(
-                f"memcurve: {request.tag}: mask training loss forget {first['forget_loss']:.3f}->"
+                f"memcurve: {request.tag}: {what} loss forget {first['forget_loss']:.3f}->"
                 f"{last['forget_loss']:.3f}, retain {first['retain_loss']:.3f}->{last['retain_loss']:.3f}"
             )
         log(summary_line(row, module))
@@ -236,7 +255,10 @@ def summary_line(row: EditRow, module: Any = None) -> str:
         f"{key} {row.before.get(key, math.nan):.3f}->{row.after[key]:.3f}" for key in keys if key in row.after
     )
     where = f" -> {row.edited_checkpoint}" if row.edited_checkpoint else ""
-    kept = f"kept {row.kept_pairs}/{row.total_pairs} directions"
+    if row.steps is not None:  # an unlearning run changes every weight of its layers, removes none
+        kept = f"relative weight change {row.relative_change:.3f}"
+    else:
+        kept = f"kept {row.kept_pairs}/{row.total_pairs} directions"
     return (
         f"memcurve: {row.method} {row.setting} on {len(row.layer_names)} layers: {kept}"
         + (f"; {metrics}" if metrics else "")

@@ -9,10 +9,12 @@
   DataModule whose validation data is the test split (memorization on the memorized set, held-out cost on the
   test split), or, without ``evaluation_metrics``, its validation loop on the test split (DataModule lent).
 
-An :class:`AutoRequest` (``energy: auto``, ``keep_fraction: auto``, ``ratio: auto``) becomes the strongest
-:class:`EditRequest` within the budget on the selection split (:func:`memcurve.editing.auto.strongest_within`,
+An :class:`AutoRequest` (``energy: auto``, ``keep_fraction: auto``, ``ratio: auto``, ``steps: auto``) becomes the
+strongest :class:`EditRequest` within the budget on the selection split (:func:`memcurve.editing.auto.strongest_within`,
 bisection over :func:`~memcurve.editing.auto.candidate_strengths`); every selection score measured (the sweep's grid
-points too) is remembered per method, layer set and strength kind and enters the monotonicity check.
+points too) is remembered per method, layer set and strength kind and enters the monotonicity check. A step count of
+an unlearning method is evaluated by running that many steps from the checkpoint (each candidate is its own run; the
+runs are prefixes of one trajectory).
 """
 
 from __future__ import annotations
@@ -28,13 +30,21 @@ from memcurve.curvature.storage import StoredFactors
 from memcurve.data.held_out import HeldOutSplits, HeldOutView, subset_loader
 from memcurve.editing.auto import AUTO, Budget, candidate_strengths, strongest_within
 from memcurve.editing.methods import BalancedSubnetSettings, apply_edit
-from memcurve.editing.request import METHODS, EditRequest, layer_patterns, layers_id, requests_for
+from memcurve.editing.request import (
+    EDIT_METHODS,
+    EditRequest,
+    layer_patterns,
+    layers_id,
+    requests_for,
+    strength_kinds,
+)
 from memcurve.editing.scoring import Scorer, scores_by_validation, validation_dataloaders
+from memcurve.editing.unlearning import UnlearningSettings
 from memcurve.utils.arguments import check_choice
 
 __all__ = ["AutoRequest", "AutoSettings", "Protocol", "single_validation_loader", "strength_requests"]
 
-_LETTER = {"energy": "e", "keep_fraction": "k", "ratio": "r"}
+_LETTER = {"energy": "e", "keep_fraction": "k", "ratio": "r", "steps": "s"}
 
 
 @dataclass(frozen=True)
@@ -47,12 +57,19 @@ class AutoSettings:
     """Strongest energy / keep fraction, and weakest BalancedSubnet ratio, considered."""
     max_ratio: float = 0.5
     """Strongest BalancedSubnet ratio considered."""
+    min_steps: int = 1
+    """Fewest unlearning steps considered (the weakest edit of the unlearning methods)."""
+    max_steps: int = 100
+    """Most unlearning steps considered (the strongest); candidates are integers, 2% apart once that exceeds a step."""
 
     def __post_init__(self) -> None:
-        candidate_strengths("keep_fraction", self.minimum, None, self.resolution)  # validates all three
+        candidate_strengths("keep_fraction", self.minimum, None, self.resolution)  # validates all four
         candidate_strengths("ratio", self.minimum, self.max_ratio, self.resolution)
+        candidate_strengths("steps", self.min_steps, self.max_steps, self.resolution)
 
-    def candidates(self, kind: str) -> list[float]:
+    def candidates(self, kind: str) -> list[float] | list[int]:
+        if kind == "steps":
+            return candidate_strengths(kind, self.min_steps, self.max_steps, self.resolution)
         return candidate_strengths(kind, self.minimum, self.max_ratio if kind == "ratio" else None, self.resolution)
 
 
@@ -65,13 +82,13 @@ class AutoRequest:
     kind: str = "keep_fraction"
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, EDIT_METHODS)
         object.__setattr__(self, "layers", layer_patterns(self.layers))
-        allowed = ("ratio",) if self.method == "bsn" else ("energy", "keep_fraction")
+        allowed = strength_kinds(self.method)
         if self.kind not in allowed:
             raise ValueError(f"method={self.method!r} takes {' or '.join(allowed)}: auto; got {self.kind}: auto")
 
-    def request(self, value: float) -> EditRequest:
+    def request(self, value: float | int) -> EditRequest:
         return EditRequest(self.method, self.layers, **{self.kind: value})
 
     @property
@@ -90,10 +107,11 @@ def strength_requests(
     energy: Any = None,
     keep_fraction: Any = None,
     ratio: Any = None,
+    steps: Any = None,
 ) -> list[EditRequest | AutoRequest]:
     """:func:`~memcurve.editing.request.requests_for`, where a strength may also be ``"auto"`` (one
     :class:`AutoRequest` of that kind, chosen under a budget)."""
-    values = {"energy": energy, "keep_fraction": keep_fraction, "ratio": ratio}
+    values = {"energy": energy, "keep_fraction": keep_fraction, "ratio": ratio, "steps": steps}
     autos = [AutoRequest(method, layer_patterns(layers), kind) for kind, value in values.items() if value == AUTO]
     fixed = {kind: (None if value == AUTO else value) for kind, value in values.items()}
     if autos and all(value is None or value == [] for value in fixed.values()):
@@ -193,6 +211,7 @@ class Protocol:
         module: nn.Module,
         datamodule: Any = None,
         bsn: BalancedSubnetSettings | None = None,
+        unlearning: UnlearningSettings | None = None,
         log: Callable[[str], None] = print,
     ) -> tuple[EditRequest, dict[str, Any]]:
         """The strongest request of ``auto`` within the budget on the selection split, and the record of the search
@@ -208,7 +227,14 @@ class Protocol:
             if value not in memory:
                 request = auto.request(value)
                 result = apply_edit(
-                    request, original, layer_names, factors=factors, module=module, datamodule=datamodule, bsn=bsn
+                    request,
+                    original,
+                    layer_names,
+                    factors=factors,
+                    module=module,
+                    datamodule=datamodule,
+                    bsn=bsn,
+                    unlearning=unlearning,
                 )
                 self.score_selection(request, result.state_dict, original)
             return budget.cost(base, memory[value].get(budget.metric, math.nan))

@@ -5,9 +5,13 @@ flat: ``before <metric>`` / ``after <metric>`` columns), ``<name>.md`` (the tabl
 (each metric against the strength, one line per method and layer set). Table columns come from the module's
 ``report_metrics`` (``(metric key, header)`` pairs; default: the noisy-label classifier's), and a module's
 ``report_tables(rows)`` may add titled tables with other columns (the LM: recall per canary duplicate level).
-TensorBoard: ``<prefix>/<method>/<kind>/L<layers id>/<metric>`` (kind: energy, keep_fraction or ratio; one curve per
-method, kind and layer set) at step = strength in parts per million, ``…/strength`` holding the exact value at that
+TensorBoard: ``<prefix>/<method>/<kind>/L<layers id>/<metric>`` (kind: energy, keep_fraction, ratio or steps; one
+curve per method, kind and layer set) at step = strength in parts per million (a step count too, as
+:attr:`EditRequest.step <memcurve.editing.request.EditRequest.step>`), ``…/strength`` holding the exact value at that
 step, and the unedited model once per curve at step 0.
+
+Rows of reports written before the unlearning methods (no ``steps`` field) load unchanged: ``steps`` is the last field
+and defaults to None.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memcurve.editing.request import layers_id
+from memcurve.editing.request import STRENGTH_KINDS, layers_id
 from memcurve.utils.files import atomic_write
 
 __all__ = [
@@ -68,10 +72,11 @@ class EditRow:
     after: dict[str, float] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)  # held-out protocol: the selection split's scores
     auto: dict[str, Any] = field(default_factory=dict)  # an auto strength: budget, chosen value, the search
+    steps: int | None = None  # the unlearning methods' strength (last, so that older reports load)
 
     @property
     def setting(self) -> str:
-        for kind in ("energy", "keep_fraction", "ratio"):
+        for kind in STRENGTH_KINDS:
             value = getattr(self, kind)
             if value is not None:
                 return f"{kind.replace('_', ' ')} {value!r}"
@@ -79,12 +84,12 @@ class EditRow:
 
     @property
     def kind(self) -> str:
-        """``energy``, ``keep_fraction`` or ``ratio``."""
-        return next(k for k in ("energy", "keep_fraction", "ratio") if getattr(self, k) is not None)
+        """``energy``, ``keep_fraction``, ``ratio`` or ``steps``."""
+        return next(k for k in STRENGTH_KINDS if getattr(self, k) is not None)
 
     @property
     def strength(self) -> float:
-        return next(v for v in (self.energy, self.keep_fraction, self.ratio) if v is not None)
+        return getattr(self, self.kind)
 
     def flat(self) -> dict[str, Any]:
         skip = ("before", "after", "layers", "layer_names", "selection", "auto")
@@ -180,12 +185,7 @@ def plot_rows(rows: Sequence[EditRow], module: Any = None):
     figure = Figure(figsize=(4.2 * len(columns), 3.6))
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(columns), squeeze=False)[0]
-    groups = dict.fromkeys(
-        (row.method, kind, tuple(row.layers))
-        for row in rows
-        for kind in ("energy", "keep_fraction", "ratio")
-        if getattr(row, kind) is not None
-    )
+    groups = dict.fromkeys((row.method, row.kind, tuple(row.layers)) for row in rows)
     for axis, (metric, header) in zip(axes, columns):
         for method, kind, layers in groups:
             points = sorted(
@@ -193,7 +193,7 @@ def plot_rows(rows: Sequence[EditRow], module: Any = None):
                 for row in rows
                 if row.method == method and tuple(row.layers) == layers and getattr(row, kind) is not None
             )
-            style = {"energy": "-o", "keep_fraction": "--s", "ratio": ":^"}[kind]
+            style = {"energy": "-o", "keep_fraction": "--s", "ratio": ":^", "steps": "-.d"}[kind]
             label = f"{method} ({kind}) {' '.join(layers)}"
             axis.plot(*zip(*points), style, markersize=3, label=label)
         before = next((row.before.get(metric) for row in rows if row.before), None)
@@ -201,7 +201,7 @@ def plot_rows(rows: Sequence[EditRow], module: Any = None):
             axis.axhline(before, color="grey", linestyle=":", label="unedited")
         axis.set_xscale("log")
         axis.set_title(f"{header} ({metric})" if header != metric else metric)
-        axis.set_xlabel("strength (energy, keep fraction or ratio)")
+        axis.set_xlabel("strength (energy, keep fraction, ratio or steps)")
         axis.grid(alpha=0.3)
     axes[-1].legend(fontsize=6, loc="best")
     figure.tight_layout()
@@ -212,8 +212,7 @@ def log_rows(experiment: Any, rows: Sequence[EditRow], prefix: str = "prune") ->
     """TensorBoard scalars of ``rows`` on a ``SummaryWriter`` (see the module docstring)."""
     curves_with_before: set[str] = set()
     for row in sorted(rows, key=lambda row: row.strength):  # each curve's points in step order (0 first)
-        kind = next(k for k in ("energy", "keep_fraction", "ratio") if getattr(row, k) is not None)
-        curve = f"{prefix}/{row.method}/{kind}/L{layers_id(row.layers)}"
+        curve = f"{prefix}/{row.method}/{row.kind}/L{layers_id(row.layers)}"
         step = round(row.strength * 1_000_000)
         if row.before and curve not in curves_with_before:
             curves_with_before.add(curve)

@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memcurve.editing.auto import Budget
+from memcurve.editing.auto import ASCENDING_KINDS, Budget
 from memcurve.editing.report import EditRow
 
 __all__ = ["METHOD_NAMES", "budget_table", "curve_table", "plot_sweep", "results_markdown", "sweep_points"]
@@ -29,6 +29,11 @@ METHOD_NAMES = {
     "kfac-separable": "K-FAC separable",
     "svd": "SVD",
     "bsn": "BalancedSubnet",
+    "ga": "gradient ascent",
+    "graddiff": "GradDiff",
+    "npo": "NPO",
+    "simnpo": "SimNPO",
+    "rmu": "RMU",
 }
 
 
@@ -145,15 +150,20 @@ def budget_table(
 
 
 def curve_table(rows_by_seed: Mapping[int, Sequence[EditRow]], budget: Budget, memorization: str) -> list[dict]:
-    """Per method, layer set and grid strength (fixed strengths only): mean ± sd over seeds of the test cost, the
-    selection cost and the memorization — the points of the figure."""
+    """Per method, layer set and grid strength (fixed strengths only), from the weakest edit to the strongest: mean ±
+    sd over seeds of the test cost, the selection cost and the memorization — the points of the figure."""
     points: dict[tuple, list[EditRow]] = {}
     for rows in rows_by_seed.values():
         for row in rows:
             if not row.auto:
                 points.setdefault((row.method, tuple(row.layers), row.kind, row.strength), []).append(row)
     table = []
-    for (method, layers, kind, strength), rows in sorted(points.items(), key=lambda item: (item[0][:3], -item[0][3])):
+
+    def weakest_first(item: tuple) -> tuple:
+        (method, layers, kind, strength), _ = item
+        return method, layers, kind, strength if kind in ASCENDING_KINDS else -strength
+
+    for (method, layers, kind, strength), rows in sorted(points.items(), key=weakest_first):
         metric = budget.metric
         table.append(
             {
@@ -193,7 +203,7 @@ def plot_sweep(rows_by_seed: Mapping[int, Sequence[EditRow]], budgets: Sequence[
         # The curve runs through the grid strengths from the weakest edit to the strongest (costs need not be
         # monotone in the strength); the band is the polygon of ± one sd over seeds along it.
         points = [c for c in curves if (c["method"], c["layers"]) == (method, layers)]
-        points.sort(key=lambda c: c["strength"], reverse=points[0]["kind"] != "ratio")
+        points.sort(key=lambda c: c["strength"], reverse=points[0]["kind"] not in ASCENDING_KINDS)
         xs = [c["test_cost"][0] * scale for c in points]
         xerr = [c["test_cost"][1] * scale for c in points]
         ys = [c[memorization][0] for c in points]

@@ -568,6 +568,8 @@ def sweep(
     memorization_metric: str | None = None,
     title: str | None = None,
     overwrite: bool = False,
+    oracles: str | None = None,
+    oracle_config: str | None = None,
 ) -> dict[int, list[EditRow]]:
     """Memorization against held-out cost for every edit over a grid of strengths, and the strength ``auto`` chooses
     at each budget, for one checkpoint or one per seed, under the held-out protocol.
@@ -601,6 +603,12 @@ def sweep(
         memorization_metric: the memorized-set metric (default: ``mem/noised_acc`` or ``mem/strict``).
         title: the figure's title (default: the run config's name).
         overwrite: replace an existing sweep in ``output_dir``.
+        oracles: the never-trained oracle's checkpoint of each seed, ``{seed}`` filled in (the same stream without
+            the memorized set; the module must have ``set_oracle``, e.g. CausalLMModule): every score then carries
+            the distance to it (``oracle/forget_quality``, ``oracle/privleak``), and the oracle itself is scored
+            on the same splits as the target row of the tables and the figure.
+        oracle_config: the oracle's run config, to train a missing oracle with ``train_missing`` (the seed
+            overrides as for the run).
     """
     started = time.perf_counter()
     budget_list = budgets.budgets()
@@ -618,6 +626,10 @@ def sweep(
         raise ValueError(f"--seeds needs --checkpoints with a {{seed}} field; got {checkpoints!r}")
     if seeds is None and checkpoints is None:
         raise ValueError("give --checkpoints (one checkpoint, or a pattern with {seed} and --seeds)")
+    if oracles is not None and seeds is not None and "{seed}" not in oracles:
+        raise ValueError(f"--oracles needs a {{seed}} field with --seeds; got {oracles!r}")
+    if oracle_config is not None and not Path(oracle_config).is_file():
+        raise FileNotFoundError(f"--oracle_config {oracle_config!r} does not exist")
     output = Path(output_dir)
     check_output_folder("--output_dir", output)
     if (output / "sweep.csv").exists() and not overwrite:
@@ -626,6 +638,7 @@ def sweep(
         )
     overrides = DEFAULT_SEED_OVERRIDES if seed_overrides is None else seed_overrides
     rows_by_seed: dict[int, list[EditRow]] = {}
+    oracle_rows: dict[int, EditRow] = {}
     split_names: dict[int, str] = {}
     training_seconds = 0.0
     module = None
@@ -643,9 +656,32 @@ def sweep(
             training_seconds += time.perf_counter() - training_started
             if not Path(ckpt).is_file():
                 raise FileNotFoundError(f"--checkpoints: training seed {seed} did not write {ckpt!r}")
+        oracle_ckpt = None
+        if oracles is not None:
+            oracle_ckpt = oracles.format(seed=seed) if seed is not None else oracles
+            if not Path(oracle_ckpt).is_file():
+                if not (train_missing and oracle_config):
+                    raise FileNotFoundError(
+                        f"--oracles: {oracle_ckpt!r} does not exist (pass --train_missing true and --oracle_config "
+                        "to train it)"
+                    )
+                print(f"memcurve sweep: training the oracle of seed {seed}: memcurve fit --config {oracle_config}")
+                training_started = time.perf_counter()
+                run_trainer_command(["fit", "--config", oracle_config, *seed_argv])
+                training_seconds += time.perf_counter() - training_started
+                if not Path(oracle_ckpt).is_file():
+                    raise FileNotFoundError(
+                        f"--oracles: training the oracle of seed {seed} did not write {oracle_ckpt!r}"
+                    )
         cli = _run_cli("sweep", lambda parser: None, ["--config", run_config, *seed_argv])
         module, datamodule = cli.model, cli.datamodule
         checkpoint = load_run_checkpoint(module, datamodule, ckpt)
+        oracle_state = None
+        if oracle_ckpt is not None:
+            if not callable(getattr(module, "set_oracle", None)):
+                raise TypeError(f"--oracles: {type(module).__name__} has no set_oracle(state_dict) to score against")
+            oracle_state = torch.load(oracle_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+            module.set_oracle(oracle_state)  # before the scorers copy the module
         run_seed = _run_seed(cli.config)
         key = run_seed if seed is None else seed
         folder = output / f"seed{key}"
@@ -672,6 +708,9 @@ def sweep(
             rows += edit_checkpoint(checkpoint, ckpt, autos, protocol=protocol, **common)
         write_report(folder, rows, "sweep", append=False)
         rows_by_seed[key] = rows
+        if oracle_state is not None:
+            oracle_rows[key] = oracle_row(protocol, checkpoint["state_dict"], oracle_state, oracle_ckpt, budget_list)
+            write_report(folder, [oracle_rows[key]], "oracle", append=False)
     memorization = memorization_metric or next(
         (m for m in MEMORIZATION_METRICS if m in next(iter(rows_by_seed.values()))[0].before), None
     )
@@ -692,8 +731,9 @@ def sweep(
         "seconds": seconds - training_seconds,  # the sweep itself
         "training_seconds": training_seconds,  # seeds it trained first (train_missing)
         "title": title or Path(run_config).stem,
+        "oracles": oracles,
     }
-    _write_sweep(output, rows_by_seed, budget_list, memorization, module, meta)
+    _write_sweep(output, rows_by_seed, budget_list, memorization, module, meta, oracle_rows)
     print(f"memcurve sweep: {len(rows_by_seed)} seeds in {seconds / 60:.1f} min -> {output / 'results.md'}")
     return rows_by_seed
 
@@ -746,6 +786,41 @@ def _sweep_factors(
     return path
 
 
+def oracle_row(
+    protocol: Protocol,
+    original: dict[str, Any],
+    oracle: dict[str, Any],
+    oracle_ckpt: str,
+    budgets: list[Budget],
+) -> EditRow:
+    """The never-trained oracle scored like an edit of ``original``: test split and memorized set (``after``, with
+    ``before`` the unedited model's), the selection split's cost under the first budget; no strength."""
+    started = time.perf_counter()
+    selection = protocol.selection(oracle, original)
+    saved_budget, protocol.budget = protocol.budget, budgets[0]
+    record = protocol.selection_record(selection, original)
+    protocol.budget = saved_budget
+    return EditRow(
+        method="oracle",
+        layers=[],
+        energy=None,
+        keep_fraction=None,
+        ratio=None,
+        tag="oracle",
+        layer_names=[],
+        kept_pairs=0,
+        total_pairs=0,
+        kept_fraction=math.nan,
+        relative_change=math.nan,
+        source_checkpoint=oracle_ckpt,
+        edited_checkpoint=None,
+        seconds=time.perf_counter() - started,
+        before=protocol.test.before(original),
+        after=protocol.test(oracle, original),
+        selection=record,
+    )
+
+
 def _write_sweep(
     output: Path,
     rows_by_seed: dict[int, list[EditRow]],
@@ -753,6 +828,7 @@ def _write_sweep(
     memorization: str,
     module: Any,
     meta: dict[str, Any],
+    oracle_rows: dict[int, EditRow] | None = None,
 ) -> None:
     """``sweep.csv``, ``curves.csv``, ``budgets.{md,json}``, ``sweep.png``, ``sweep_meta.json``, ``results.md`` and
     TensorBoard of a sweep."""
@@ -762,12 +838,13 @@ def _write_sweep(
     curves = curve_table(rows_by_seed, budgets[0], memorization)
     _write_csv(output / "curves.csv", [_flat_mean_sd(c) for c in curves])
     metrics = report_columns(next(iter(rows_by_seed.values())), module)
-    table = results_markdown(rows_by_seed, budgets, memorization, metrics, splits)
+    oracles = oracle_rows or {}
+    table = results_markdown(rows_by_seed, budgets, memorization, metrics, splits, oracles=oracles)
     atomic_write(output / "budgets.md", lambda tmp: tmp.write_text(table + "\n"))
-    records = budget_table(rows_by_seed, budgets, memorization, metrics)
+    records = budget_table(rows_by_seed, budgets, memorization, metrics, oracles=oracles)
     atomic_write(output / "budgets.json", lambda tmp: tmp.write_text(json.dumps(records, indent=1)))
     atomic_write(output / "sweep_meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    figure = plot_sweep(rows_by_seed, budgets, memorization, title)
+    figure = plot_sweep(rows_by_seed, budgets, memorization, title, oracles=oracles)
     atomic_write(output / "sweep.png", lambda tmp: figure.savefig(tmp, format="png", dpi=130))
     writer = SummaryWriter(str(output / "tensorboard"))
     for point in points:

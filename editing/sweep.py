@@ -88,10 +88,12 @@ def budget_table(
     budgets: Sequence[Budget],
     memorization: str,
     metrics: Sequence[tuple[str, str]] = (),
+    oracles: Mapping[int, EditRow] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per (method, layers, budget) of the auto rows, plus the unedited model: mean and sd over seeds
-    of ``memorization`` (and its fraction of the unedited value), the other ``metrics`` ((key, header) pairs), the
-    chosen strength, its selection and test cost; ``seeds`` (how many) and ``within`` (how many found a strength
+    """One record per (method, layers, budget) of the auto rows, plus the unedited model (and the never-trained
+    oracle, from ``oracles`` per seed): mean and sd over seeds of ``memorization`` (and its fraction of the unedited
+    value), the other ``metrics`` ((key, header) pairs), the chosen strength, its selection and test cost, the wall
+    time of the choice and the edit (``seconds``); ``seeds`` (how many) and ``within`` (how many found a strength
     within the budget)."""
     table: list[dict[str, Any]] = []
     keys = [memorization, *(key for key, _ in metrics if key != memorization)]
@@ -100,6 +102,16 @@ def budget_table(
     for key in keys:
         unedited[key] = _mean_sd([row.before.get(key, math.nan) for row in first])
     table.append(unedited)
+    if oracles:
+        budget = budgets[0]
+        rows = list(oracles.values())
+        oracle: dict[str, Any] = {"method": "oracle", "layers": "", "budget": "", "seeds": len(rows)}
+        oracle["selection_cost"] = _mean_sd([row.selection.get("cost", math.nan) for row in rows])
+        oracle["test_cost"] = _mean_sd([_test_cost(row, budget) for row in rows])
+        oracle["removed"] = _mean_sd([_removed(row, memorization) for row in rows])
+        for key in keys:
+            oracle[key] = _mean_sd([row.after.get(key, math.nan) for row in rows])
+        table.append(oracle)
     groups = dict.fromkeys(
         (row.method, tuple(row.layers)) for rows in rows_by_seed.values() for row in rows if row.auto
     )
@@ -128,25 +140,24 @@ def budget_table(
                 "strength": _mean_sd([row.strength for row in chosen]),
                 "kept_fraction": _mean_sd([row.kept_fraction for row in chosen]),
                 "selection_cost": _mean_sd([row.auto["selection_cost"] for row in chosen]),
-                "test_cost": _mean_sd(
-                    [
-                        budget.cost(row.before.get(budget.metric, math.nan), row.after.get(budget.metric, math.nan))
-                        for row in chosen
-                    ]
-                ),
-                "removed": _mean_sd(
-                    [
-                        1 - row.after.get(memorization, math.nan) / row.before[memorization]
-                        if row.before.get(memorization)
-                        else math.nan
-                        for row in chosen
-                    ]
-                ),
+                "test_cost": _mean_sd([_test_cost(row, budget) for row in chosen]),
+                "removed": _mean_sd([_removed(row, memorization) for row in chosen]),
+                "seconds": _mean_sd([row.seconds for row in chosen]),
             }
             for key in keys:
                 record[key] = _mean_sd([row.after.get(key, math.nan) for row in chosen])
             table.append(record)
     return table
+
+
+def _test_cost(row: EditRow, budget: Budget) -> float:
+    return budget.cost(row.before.get(budget.metric, math.nan), row.after.get(budget.metric, math.nan))
+
+
+def _removed(row: EditRow, memorization: str) -> float:
+    """The fraction of the unedited memorization the row removes."""
+    before = row.before.get(memorization)
+    return 1 - row.after.get(memorization, math.nan) / before if before else math.nan
 
 
 def curve_table(rows_by_seed: Mapping[int, Sequence[EditRow]], budget: Budget, memorization: str) -> list[dict]:
@@ -183,10 +194,17 @@ def curve_table(rows_by_seed: Mapping[int, Sequence[EditRow]], budget: Budget, m
     return table
 
 
-def plot_sweep(rows_by_seed: Mapping[int, Sequence[EditRow]], budgets: Sequence[Budget], memorization: str, title: str):
+def plot_sweep(
+    rows_by_seed: Mapping[int, Sequence[EditRow]],
+    budgets: Sequence[Budget],
+    memorization: str,
+    title: str,
+    oracles: Mapping[int, EditRow] | None = None,
+):
     """The sweep's figure (a matplotlib ``Figure``, Agg canvas): memorization against test cost, one line per
     method and layer set through the mean over seeds of each grid strength, ± one sd over seeds as a band (y) and
-    error bars (x), the auto choices as larger markers, the budgets as vertical lines, the unedited level dotted."""
+    error bars (x), the auto choices as larger markers, the budgets as vertical lines, the unedited level dotted,
+    and the never-trained oracle (``oracles``) as the target: a black cross with ± sd bars."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -195,7 +213,7 @@ def plot_sweep(rows_by_seed: Mapping[int, Sequence[EditRow]], budgets: Sequence[
     FigureCanvasAgg(figure)
     axis = figure.subplots()
     curves = curve_table(rows_by_seed, budget, memorization)
-    autos = budget_table(rows_by_seed, budgets, memorization)
+    autos = budget_table(rows_by_seed, budgets, memorization, oracles=oracles)
     groups = dict.fromkeys((c["method"], c["layers"]) for c in curves)
     scale = 100.0 if budget.kind == "drop" else 1.0
     for index, (method, layers) in enumerate(groups):
@@ -216,10 +234,24 @@ def plot_sweep(rows_by_seed: Mapping[int, Sequence[EditRow]], budgets: Sequence[
         lower = [y - sd for y, sd in zip(ys, sds)]
         axis.fill(xs + xs[::-1], upper + lower[::-1], color=color, alpha=0.12, linewidth=0)
         for record in autos:
-            if (record["method"], record["layers"]) == (method, layers):
+            if record["method"] != "oracle" and (record["method"], record["layers"]) == (method, layers):
                 axis.plot(record["test_cost"][0] * scale, record[memorization][0], "*", color=color, markersize=11)
     base = autos[0][memorization][0]
     axis.axhline(base, color="grey", linestyle=":", label="unedited")
+    for record in autos:
+        if record["method"] == "oracle":
+            (x, x_sd), (y, y_sd) = record["test_cost"], record[memorization]
+            axis.errorbar(
+                [x * scale],
+                [y],
+                xerr=[x_sd * scale],
+                yerr=[y_sd],
+                fmt="X",
+                color="black",
+                markersize=9,
+                elinewidth=0.8,
+                label="never-trained oracle (target)",
+            )
     for b in budgets:
         axis.axvline(b.limit * scale, color="black", linestyle="--", linewidth=0.6, alpha=0.5)
     axis.set_xlabel("test cost: " + ("points of accuracy lost" if budget.kind == "drop" else f"{budget.metric} ratio"))
@@ -240,11 +272,13 @@ def results_markdown(
     memorization: str,
     metrics: Sequence[tuple[str, str]],
     splits: Mapping[int, str],
+    oracles: Mapping[int, EditRow] | None = None,
 ) -> str:
-    """The budget table (mean ± sd over seeds) and the protocol it was measured under, as markdown."""
+    """The budget table (mean ± sd over seeds) and the protocol it was measured under, as markdown; the wall time
+    of each choice (the ``auto`` search and the edit, on this machine), and the never-trained oracle's row."""
     budget = budgets[0]
     seeds = sorted(rows_by_seed)
-    table = budget_table(rows_by_seed, budgets, memorization, metrics)
+    table = budget_table(rows_by_seed, budgets, memorization, metrics, oracles=oracles)
     headers = dict(metrics)
     extra = [key for key, _ in metrics if key != memorization]
     cost_digits, cost_scale, cost_suffix = (1, 100.0, " pt") if budget.kind == "drop" else (3, 1.0, "×")
@@ -253,14 +287,20 @@ def results_markdown(
         f"budgets; costs and metrics on the test split and the memorized set; mean ± sd over seeds.",
         "",
         "| method | budget | chosen | kept | selection cost | test cost | "
-        + " | ".join([headers.get(memorization, memorization), "removed", *(headers.get(k, k) for k in extra)])
+        + " | ".join([headers.get(memorization, memorization), "removed", *(headers.get(k, k) for k in extra), "time"])
         + " |",
-        "|---" * (8 + len(extra)) + "|",
+        "|---" * (9 + len(extra)) + "|",
     ]
+    cost = {"digits": cost_digits, "scale": cost_scale, "suffix": cost_suffix}
     for record in table:
         if record["method"] == "unedited":
             cells = ["unedited", "–", "–", "100%", "–", "–", _fmt(*record[memorization]), "–"]
-            cells += [_fmt(*record[k]) for k in extra]
+            cells += [_fmt(*record[k]) for k in extra] + ["–"]
+        elif record["method"] == "oracle":
+            cells = ["never-trained oracle", "–", "–", "–", _fmt(*record["selection_cost"], **cost)]
+            cells += [_fmt(*record["test_cost"], **cost), _fmt(*record[memorization])]
+            cells += [_fmt(*record["removed"], digits=0, scale=100.0, suffix="%")]
+            cells += [_fmt(*record[k]) for k in extra] + ["(training)"]
         else:
             within = (
                 "" if record["within"] == record["seeds"] else f" ({record['seeds'] - record['within']} none within)"
@@ -275,6 +315,7 @@ def results_markdown(
                 _fmt(*record[memorization]),
                 _fmt(*record["removed"], digits=0, scale=100.0, suffix="%"),
                 *(_fmt(*record[k]) for k in extra),
+                _fmt(*record["seconds"], digits=0, suffix=" s"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Held-out splits: " + "; ".join(f"seed {seed}: {splits[seed]}" for seed in seeds if seed in splits)]

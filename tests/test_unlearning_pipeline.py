@@ -583,3 +583,26 @@ def test_unlearning_pruning_misconfiguration(lm):
     rmu = UnlearningPruning(PATTERNS, method="rmu", steps=2, settings=UnlearningSettings(rmu_layer="model.nope"))
     with pytest.raises(ValueError, match=r"rmu_layer='model\.nope' is not a module of CausalLMModule"):
         rmu.setup(SimpleNamespace(datamodule=datamodule), module, "fit")
+
+
+def test_sweep_scores_every_row_and_the_never_trained_oracle_against_it(tmp_path, monkeypatch):
+    """A real one-checkpoint sweep with an oracle: every score carries the distance to the oracle, the oracle is a
+    row of its own (scored on the same splits) in the tables and the figure."""
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("model.ckpt", 0), ("oracle.ckpt", 1)):  # the oracle: another model (here: another init)
+        torch.manual_seed(seed)
+        torch.save({"state_dict": CausalLMModule(dict(TINY_OLMO2), prefix_shifts=[]).state_dict()}, tmp_path / name)
+    edits = [{"method": "svd", "layers": PATTERNS, "energy": [0.5, 0.9]}]
+    config = sweep_config(tmp_path, edits=edits, oracles="oracle.ckpt", held_out={"selection_fraction": 0.5})
+    run(["sweep", "--config", str(config)])
+    rows = json.loads((tmp_path / "sweep" / "seed0" / "sweep.json").read_text())
+    assert rows and all({"oracle/forget_quality", "oracle/privleak"} <= set(row["after"]) for row in rows)
+    (oracle,) = json.loads((tmp_path / "sweep" / "seed0" / "oracle.json").read_text())
+    assert oracle["method"] == "oracle" and oracle["after"]["oracle/ks"] == 0.0  # the oracle against itself
+    assert oracle["after"]["val/perplexity"] != oracle["before"]["val/perplexity"]
+    records = json.loads((tmp_path / "sweep" / "budgets.json").read_text())
+    assert [r["method"] for r in records[:2]] == ["unedited", "oracle"]
+    assert records[1]["mem/strict"][0] == oracle["after"]["mem/strict"]
+    table = (tmp_path / "sweep" / "budgets.md").read_text()
+    assert "| never-trained oracle |" in table and "forget quality" in table and "PrivLeak" in table
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0

@@ -66,6 +66,8 @@ REPORT_METRICS = (
     ("val/perplexity", "ppl"),
     ("val/ndcg@10", "nDCG@10"),
     ("mia/mem/auroc_mink", "MIA AUROC"),
+    ("oracle/forget_quality", "forget quality"),
+    ("oracle/privleak", "PrivLeak"),
 )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 BEGIN, END = "<!-- protocol-results:begin -->", "<!-- protocol-results:end -->"
 SWEEPS = ("vit_digits_augmented", "olmo2_tiny_canaries", "vit_digits")
+GRADIENT_METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,7 +55,7 @@ def _goal_lines(name: str, meta: dict, records: list[dict]) -> list[str]:
                 f"- Goal (at 1.10× perplexity: strict ≤ 0.10, nDCG@10 ≥ 0.9, controls 0), seeds {seeds}: strict "
                 f"{mem:.3f}, nDCG@10 {ndcg:.3f}, control strict {control:.3f}: **{'met' if met else 'not met'}**."
             )
-    for other in ("svd", "bsn", "kfac-separable"):
+    for other in ("svd", "bsn", "kfac-separable", *GRADIENT_METHODS):
         below = [
             limit
             for limit in limits
@@ -68,6 +69,34 @@ def _goal_lines(name: str, meta: dict, records: list[dict]) -> list[str]:
                 f"- K-FAC kronecker below {other} (mean memorization, seeds {seeds}) at {len(below)} of "
                 f"{len(compared)} budgets ({', '.join(f'{limit:g}' for limit in compared)})."
             )
+    lines += _oracle_lines(meta, records, by)
+    return lines
+
+
+def _oracle_lines(meta: dict, records: list[dict], by: dict) -> list[str]:
+    """Where each method stands against the never-trained oracle (sweeps with ``oracles``), per budget: the
+    memorized set's metric, TOFU's forget quality and MUSE's privacy leakage, and who is closest."""
+    oracle = by.get(("oracle", None))
+    if oracle is None:
+        return []
+    memorization = meta["memorization_metric"]
+    lines = [
+        f"- Never-trained oracle (same stream without the memorized canaries), seeds "
+        f"{', '.join(map(str, meta['seeds']))}: {memorization} {_mean(oracle, memorization):.3f}, test cost "
+        f"{_mean(oracle, 'test_cost'):.3f}× perplexity, MIA AUROC {_mean(oracle, 'mia/mem/auroc_mink'):.3f}."
+    ]
+    for limit in meta["budgets"]:
+        chosen = [r for r in records if r.get("budget_limit") == limit and "oracle/forget_quality" in r]
+        if not chosen:
+            continue
+        closest = max(chosen, key=lambda r: _mean(r, "oracle/forget_quality"))
+        private = min(chosen, key=lambda r: abs(_mean(r, "oracle/privleak")))
+        lowest = min(chosen, key=lambda r: _mean(r, memorization))
+        lines.append(
+            f"- At {limit:g}×: lowest {memorization} {lowest['method']} ({_mean(lowest, memorization):.3f}); highest "
+            f"forget quality {closest['method']} ({_mean(closest, 'oracle/forget_quality'):.2g}); PrivLeak closest "
+            f"to 0 {private['method']} ({_mean(private, 'oracle/privleak'):+.2f})."
+        )
     return lines
 
 

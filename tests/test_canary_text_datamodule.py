@@ -526,3 +526,34 @@ def test_oracle_protocol_config_is_the_protocol_config_with_the_oracle_stream(tm
         ["--config", str(folder / "olmo2_tiny_canaries.yaml"), "--data.init_args.oracle_min_level=16"],
     )
     assert override.datamodule.oracle_min_level == 16
+
+
+# -- the perturbation suite (tests/test_perturbations.py) is off by default: the stream and the log are unchanged ---
+BEFORE_THE_SUITE = {  # (insertion digest, sha256 of the whole log, of the training stream) the code produced for SMALL
+    None: (
+        "9ec1446bac682782f4f1814aa56e714e80edcdeaec4bd2c597f5ac8ea9744799",
+        "8e8bfd13e24e18d5361c9f688ee994ad3dd10b5c7376d5f2a37cb14e1490aad5",
+        "5f472ba8bf205b1cecc5316a615406cae999853570593ecdea9ecd59e5b3054b",
+    ),
+    16: (
+        "10458b7229a1355bca6d6b15bfd672514019369ed482d51cea10608e9a9d8e36",
+        "1cd847ab5639f3c5da523263f649f8ad91b704817d902c7e21bb49d2337e7357",
+        "02940eb4f7f2d56caf28813013dc38d8451217d6de8050acc0c0ccf5b1eb9ad5",
+    ),
+}
+VAL_STREAM_BEFORE_THE_SUITE = "0efe0f00a0f7a5bbf24f593e7ab5db5c4255ccfb10acc0ce553068af999dd2ac"
+
+
+def test_without_perturbations_the_stream_and_the_log_are_those_of_before_the_suite(dm, oracle):
+    import hashlib
+
+    explicit = small(perturbations=None)
+    for datamodule, oracle_level in ((dm, None), (oracle, 16), (explicit, None)):
+        digest, log_sha, stream_sha = BEFORE_THE_SUITE[oracle_level]
+        log = datamodule.insertion_log
+        assert datamodule.perturbations is None and "perturbations" not in log
+        assert log["sha256"] == _insertion_digest(log) == digest
+        assert hashlib.sha256(json.dumps(log, sort_keys=True).encode()).hexdigest() == log_sha
+        assert hashlib.sha256(datamodule.train_stream.tobytes()).hexdigest() == stream_sha
+        assert hashlib.sha256(datamodule.val_stream.tobytes()).hexdigest() == VAL_STREAM_BEFORE_THE_SUITE
+        assert datamodule.perturbation_examples() == {}

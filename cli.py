@@ -80,6 +80,7 @@ from memcurve.editing.protocol import (
     strength_requests,
 )
 from memcurve.editing.request import STRENGTH_KINDS, strength_kinds
+from memcurve.editing.skills import memorized_min_level, plot_skills
 from memcurve.editing.sweep import budget_table, curve_table, plot_sweep, results_markdown, sweep_points
 from memcurve.lightning_modules import CausalLMModule
 from memcurve.utils.arguments import check_choice
@@ -485,6 +486,10 @@ def run_edits(command: str, argv: Sequence[str]) -> list[EditRow]:
         figure = plot_rows(rows, module)
         atomic_write(output_dir / f"{name}.png", lambda tmp: figure.savefig(tmp, format="png", dpi=120))
         writer.add_figure(f"{command}/figure", figure)
+        skills = plot_skills(rows, memorized_min_level(module), title=name)
+        if skills is not None:  # a model trained with the perturbation suite: retention per skill category
+            atomic_write(output_dir / f"{name}_skills.png", lambda tmp: skills.savefig(tmp, format="png", dpi=120))
+            writer.add_figure(f"{command}/skills", skills)
     writer.close()
     print(table)
     print(f"memcurve {command}: report {output_dir / (name + '.csv')}, table {output_dir / (name + '.md')}")

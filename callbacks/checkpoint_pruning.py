@@ -64,8 +64,9 @@ from memcurve.editing.outputs import edited_checkpoint_path, remove_edited_copie
 from memcurve.editing.pipeline import FactorSource
 from memcurve.editing.protocol import AutoRequest, Protocol, single_validation_loader
 from memcurve.editing.request import layer_patterns
+from memcurve.editing.skills import memorized_min_level, plot_skills
 from memcurve.utils.arguments import check_choice
-from memcurve.utils.files import check_output_folder
+from memcurve.utils.files import atomic_write, check_output_folder
 from memcurve.utils.sharding import parameters_sharded, shards_parameters, single_process_copy
 
 __all__ = ["FIT_END_NAME", "REPORT_NAME", "WHEN", "CheckpointPruning", "check_checkpoint_strategy"]
@@ -391,9 +392,15 @@ class CheckpointPruning(pl.Callback):
             log=rank_zero_info,
         )
         self.rows.extend(rows)
-        write_report(self.report_folder(trainer), rows, REPORT_NAME)
+        folder = self.report_folder(trainer)
+        write_report(folder, rows, REPORT_NAME)
+        skills = plot_skills(self.rows, memorized_min_level(module)) if self.evaluate else None
+        if skills is not None:  # a model trained with the perturbation suite: retention per skill category
+            atomic_write(folder / f"{REPORT_NAME}_skills.png", lambda tmp: skills.savefig(tmp, format="png", dpi=120))
         if isinstance(trainer.logger, TensorBoardLogger):
             log_rows(trainer.logger.experiment, rows)
+            if skills is not None:
+                trainer.logger.experiment.add_figure("prune/skills", skills, trainer.global_step)
         return rows
 
     def protocol(self, trainer: pl.Trainer, module: pl.LightningModule) -> Protocol:

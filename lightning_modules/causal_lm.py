@@ -812,14 +812,26 @@ class CausalLMModule(pl.LightningModule):
 
     @staticmethod
     def report_tables(rows: Sequence[Any]) -> list[tuple[str, list[tuple[str, str]]]]:
-        """Extra report tables (:func:`memcurve.editing.report_markdown`): strict and loose canary recall per
-        duplicate level, unedited and after each edit of ``rows``."""
+        """Extra report tables (:func:`memcurve.editing.report_markdown`), unedited and after each edit of
+        ``rows``: strict and loose canary recall per duplicate level; membership-inference AUROC (Min-40%) per
+        category and duplicate level; the perturbation suite's skills (when the model was trained with one)."""
         keys = {key for row in rows for key in (*row.before, *row.after)}
         levels = sorted({int(key.split("/")[1][3:]) for key in keys if key.startswith("canary/dup")})
         columns = [
             (f"canary/dup{level}/{kind}", f"dup{level} {kind}") for kind in ("strict", "loose") for level in levels
         ]
-        return [("canary recall per duplicate level", columns)] if columns else []
+        tables = [("canary recall per duplicate level", columns)] if columns else []
+        membership = sorted(
+            (key for key in keys if key.startswith("mia/") and key.endswith("/auroc_mink") and "/mem/" not in key),
+            key=lambda key: (key.count("/"), key.split("/dup")[0], int(key.rsplit("/dup", 1)[1].split("/")[0])),
+        )
+        if membership:
+            headers = [(key, key.removeprefix("mia/").removesuffix("/auroc_mink")) for key in membership]
+            tables.append(("membership AUROC (Min-40%) against never-seen items, per duplicate level", headers))
+        skills = sorted(key for key in keys if key.startswith("skill/"))
+        if skills:
+            tables.append(("skills (perturbation suite)", [(key, key.removeprefix("skill/")) for key in skills]))
+        return tables
 
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self):

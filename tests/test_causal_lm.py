@@ -186,10 +186,16 @@ def test_curvature_callbacks_run_on_the_lm(datamodule, tmp_path):
     with open(probe.saved_paths[-1]) as handle:
         groups = {row["group"] for row in csv.DictReader(handle)}
     assert groups == {"memorized", "control", "val"}
-    (title, columns), *others = module.report_tables(rows)  # recall per duplicate level, beside the main table
+    (title, columns), (mia_title, mia), *others = module.report_tables(rows)  # beside the main table
     levels = [(f"canary/dup{n}/{kind}", f"dup{n} {kind}") for kind in ("strict", "loose") for n in (0, 1, 16)]
     assert not others and title == "canary recall per duplicate level" and columns == levels
+    assert mia_title.startswith("membership AUROC") and mia == [
+        ("mia/dup1/auroc_mink", "dup1"),
+        ("mia/dup16/auroc_mink", "dup16"),
+    ]
     overall, extra = report_markdown(rows, module).split(f"\n\n{title}:\n")
+    extra, membership = extra.split(f"\n\n{mia_title}:\n")
+    assert membership.splitlines()[0] == "| layers | method | setting | kept | rel. change | dup1 | dup16 |"
     present = {key for row in rows for key in row.after}  # the oracle's columns only with an oracle
     headers = " | ".join(header for key, header in CausalLMModule.report_metrics if key in present)
     assert overall.splitlines()[0] == f"| layers | method | setting | kept | rel. change | {headers} |"

@@ -96,7 +96,8 @@ def plot_skills(rows: Sequence[EditRow], min_level: int = 16, title: str = ""):
     for index, (row, record) in enumerate(zip(rows, table)):
         xs = [i + (index - (len(table) - 1) / 2) * width for i in range(len(categories))]
         ys = [record.get(label, math.nan) for label in categories]
-        axis.bar(xs, ys, width=width, color=f"C{index}", label=f"{row.method} {row.setting}")
+        label = f"{row.method} {row.kind.replace('_', ' ')} {row.strength:.3g}"
+        axis.bar(xs, ys, width=width, color=f"C{index}", label=label)
     axis.axhline(1.0, color="grey", linestyle=":", linewidth=0.8)
     axis.set_xticks(range(len(categories)))
     axis.set_xticklabels(categories, rotation=20, ha="right", fontsize=8)

@@ -14,7 +14,8 @@ from memcurve.curvature import load_factors
 from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import NoisyLabelClassifier
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+SWEEPS = sorted((Path(__file__).parents[1] / "configs").glob("*_sweep.yaml"))  # `memcurve sweep` configs
+CONFIGS = sorted(set((Path(__file__).parents[1] / "configs").glob("*.yaml")) - set(SWEEPS))
 # GPU configs are instantiated on CPU here; the rest of each config is exactly what users run.
 ON_CPU = {"trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.strategy": "auto"}
 DIGITS = CONFIGS[[p.name for p in CONFIGS].index("vit_digits_noisy.yaml")]
@@ -190,3 +191,11 @@ def test_protocol_sweep_config_parses(sweep, capsys, monkeypatch):
     assert len(BudgetGrid(**printed["budgets"]).budgets()) == 3
     specs = [EditSpec(**edit) for edit in printed["edits"]]
     assert {spec.method for spec in specs} >= {"kfac", "svd"} and all(spec.requests() for spec in specs)
+
+
+@pytest.mark.parametrize("config", SWEEPS, ids=[path.stem for path in SWEEPS])
+def test_sweep_configs_parse_and_name_a_run_config(config, capsys):
+    with pytest.raises(SystemExit):
+        run(["sweep", "--config", str(config), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert Path(__file__).parents[1] / printed["run_config"] in CONFIGS and printed["edits"]

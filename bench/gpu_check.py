@@ -176,18 +176,6 @@ TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_h
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-TINY_OLMO2 = {  # as tests/test_sharded_factors.py
-    "model_type": "olmo2",
-    "vocab_size": 320,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 128,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-    "pad_token_id": 1,
-}
 FSDP_LAYERS = [
     "model.model.layers.*.mlp.gate_proj",
     "model.model.layers.*.mlp.up_proj",
@@ -624,34 +612,11 @@ def vit_worker(work: Path, rehearse: bool) -> dict:
 def fsdp_worker(work: Path, rehearse: bool) -> dict:
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader, Dataset
 
     from memcurve.callbacks import KFACFactors
     from memcurve.curvature import FactorSettings, load_factors
     from memcurve.lightning_modules import CausalLMModule
-
-    class Tokens(Dataset):
-        """11 right-padded random token sequences of 3-12 tokens with their index."""
-
-        def __init__(self, n: int = 11, length: int = 12) -> None:
-            g = torch.Generator().manual_seed(0)
-            self.ids = torch.randint(2, TINY_OLMO2["vocab_size"], (n, length), generator=g)
-            lengths = torch.randint(3, length + 1, (n,), generator=g)
-            self.mask = (torch.arange(length)[None] < lengths[:, None]).long()
-            self.ids[self.mask == 0] = TINY_OLMO2["pad_token_id"]
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict:
-            return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "index": i}
-
-    class TokenData(pl.LightningDataModule):
-        def train_dataloader(self) -> DataLoader:
-            return DataLoader(Tokens(), batch_size=3)
-
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(Tokens(), batch_size=3)
+    from memcurve.tiny import TINY_OLMO2, RandomTokensData
 
     def tiny() -> CausalLMModule:
         torch.manual_seed(0)
@@ -681,7 +646,7 @@ def fsdp_worker(work: Path, rehearse: bool) -> dict:
             callbacks=[callback],
             limit_val_batches=1,
         )
-        trainer.validate(module, datamodule=TokenData(), verbose=False)
+        trainer.validate(module, datamodule=RandomTokensData(), verbose=False)
         return Path(callback.saved_paths[-1]), sharded(module)
 
     def compare(index: Path, single_index: Path) -> dict:

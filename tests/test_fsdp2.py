@@ -24,7 +24,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.utils.data import DataLoader
 
 from memcurve.callbacks import BandActivationProbe, KFACFactors, KFACPruning
 from memcurve.curvature import FactorSettings, assign_owners, load_factors
@@ -32,24 +31,13 @@ from memcurve.curvature.factor_file import model_fingerprint
 from memcurve.curvature.layers import named_linear_modules
 from memcurve.data import NoisyLabelDataModule
 from memcurve.lightning_modules import CausalLMModule, NoisyLabelClassifier
+from memcurve.tiny import TINY_OLMO2, RandomTokens, RandomTokensData
 from memcurve.utils.sharding import parameters_sharded, repeated_blocks, shards_parameters, whole_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORLD_SIZE = 2
 RTOL, ATOL = 1e-6, 1e-12  # float64 sums: only the order of the cross-rank sums differs
-TINY_OLMO2 = {
-    "model_type": "olmo2",
-    "vocab_size": 320,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 128,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-    "pad_token_id": 1,
-}
 LM_LAYERS = [
     "model.model.layers.*.mlp.gate_proj",
     "model.model.layers.*.mlp.up_proj",
@@ -61,31 +49,6 @@ VIT_LAYERS = ["model.blocks.*.mlp.fc1", "model.blocks.1.attn.proj"]
 
 
 # -- modules and data (not memcurve's own for the foreign LM) -----------------------------------------------------
-class Tokens(torch.utils.data.Dataset):
-    """11 right-padded random token sequences of 3-12 tokens (an odd count: the ranks hold different numbers)."""
-
-    def __init__(self, n: int = 11, length: int = 12) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(2, TINY_OLMO2["vocab_size"], (n, length), generator=g)
-        lengths = torch.randint(3, length + 1, (n,), generator=g)
-        self.mask = (torch.arange(length)[None] < lengths[:, None]).long()
-        self.ids[self.mask == 0] = TINY_OLMO2["pad_token_id"]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "index": i}
-
-
-class TokenData(pl.LightningDataModule):
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(Tokens(), batch_size=3)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(Tokens(), batch_size=3)
-
-
 class ForeignLM(pl.LightningModule):
     """Someone else's LightningModule: an HF OLMo-2 under ``net``, its own loss and logging, and its own FSDP2
     ``configure_model`` (decoder layers, then the model), written the way Lightning's documentation shows."""
@@ -183,10 +146,10 @@ def validate_runs(root: Path, devices: int) -> dict:
         layers=LM_LAYERS, settings=FactorSettings(dtype="float64"), when="validate", output_dir=str(root / "lm_file")
     )
     run = trainer(devices, [lm, one_file], root, limit_val_batches=1)
-    run.validate(tiny_lm(), datamodule=TokenData(), verbose=False)
+    run.validate(tiny_lm(), datamodule=RandomTokensData(), verbose=False)
     foreign, foreign_probe = factor_callback(FOREIGN_LAYERS, root / "foreign"), probe_callback(root / "foreign_probe")
     module = ForeignLM()
-    trainer(devices, [foreign, foreign_probe], root).validate(module, datamodule=TokenData(), verbose=False)
+    trainer(devices, [foreign, foreign_probe], root).validate(module, datamodule=RandomTokensData(), verbose=False)
     sharded = parameters_sharded(module)
     vit, vit_probe = factor_callback(VIT_LAYERS, root / "vit"), probe_callback(root / "vit_probe")
     trainer(devices, [vit, vit_probe], root).validate(tiny_vit(), datamodule=small_digits(), verbose=False)
@@ -220,7 +183,7 @@ def prune_run(root: Path) -> dict:
         limit_val_batches=1,
         enable_checkpointing=True,
     )
-    run.fit(ForeignLM(), datamodule=TokenData())
+    run.fit(ForeignLM(), datamodule=RandomTokensData())
     refused = None
     try:
         trainer(
@@ -228,7 +191,7 @@ def prune_run(root: Path) -> dict:
             [KFACPruning(layers=FOREIGN_LAYERS, energy=[0.5], output_dir=str(root / "refused"))],
             root,
             max_steps=1,
-        ).fit(ForeignLM(), datamodule=TokenData())
+        ).fit(ForeignLM(), datamodule=RandomTokensData())
     except ValueError as error:
         refused = str(error)
     return {"rows": [row.__dict__ for row in pruning.rows], "refused": refused}
@@ -248,7 +211,7 @@ def fsdp1_facts() -> dict:
     wrapped = FullyShardedDataParallel(
         module, auto_wrap_policy=ModuleWrapPolicy({layer}), device_id=torch.device("cpu"), use_orig_params=True
     )
-    batch = Tokens()[0]
+    batch = RandomTokens()[0]
     wrapped(batch["input_ids"][None], batch["attention_mask"][None])
     outside = {tuple(p.shape) for name, p in module.named_parameters() if name.endswith("up_proj.weight")}
     with whole_parameters(wrapped):  # the root wrapper, as the probe passes the strategy's model
@@ -325,7 +288,7 @@ def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):
 
     # The parameters really were sharded (DTensors), and the ranks together read every token once.
     assert two["sharded"] and not single["sharded"]
-    assert two["tokens"] == single["tokens"] == int(Tokens().mask.sum())
+    assert two["tokens"] == single["tokens"] == int(RandomTokens().mask.sum())
     for key, module in (("lm", tiny_lm()), ("foreign", ForeignLM()), ("vit", tiny_vit())):
         _assert_same_factors(two["indexes"][key], single["indexes"][key], module)
     _assert_same_factors(two["file"], single["indexes"]["lm"], tiny_lm())

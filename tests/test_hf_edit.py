@@ -26,19 +26,8 @@ from memcurve.curvature import (
 from memcurve.editing import EDIT_KEY
 from memcurve.editing.hf import EDIT_RECORD, edit_hf_model, edit_lightning_checkpoint, resolve_prefix
 from memcurve.lightning_modules import CausalLMModule
+from memcurve.tiny import TINY_OLMO2
 
-TINY_OLMO2 = {
-    "model_type": "olmo2",
-    "vocab_size": 320,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 128,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-    "pad_token_id": 1,
-}
 FACTOR_LAYERS = [f"model.model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up")]
 EDITED = ["model.model.layers.*.mlp.gate_proj"]  # patterns in factor (LightningModule) names
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from memcurve.callbacks import KFACFactors, KFACPruning
 from memcurve.curvature import (
@@ -35,19 +34,8 @@ from memcurve.curvature.layers import clean_module_name
 from memcurve.curvature.sharded_storage import shard_name
 from memcurve.editing import apply_edit, edit_checkpoint
 from memcurve.lightning_modules import CausalLMModule
+from memcurve.tiny import TINY_OLMO2, RandomTokens, RandomTokensData
 
-TINY_OLMO2 = {
-    "model_type": "olmo2",
-    "vocab_size": 320,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 128,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-    "pad_token_id": 1,
-}
 LM_LAYERS = [
     "model.model.layers.*.mlp.gate_proj",
     "model.model.layers.*.mlp.up_proj",
@@ -58,29 +46,6 @@ WORLD_SIZE = 2
 
 
 # -- tiny models and data ------------------------------------------------------------------------------------------
-class Tokens(Dataset):
-    """11 right-padded random token sequences of 3-12 tokens with their index (an odd count: ranks differ)."""
-
-    def __init__(self, n: int = 11, length: int = 12) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(2, TINY_OLMO2["vocab_size"], (n, length), generator=g)
-        lengths = torch.randint(3, length + 1, (n,), generator=g)
-        self.mask = (torch.arange(length)[None] < lengths[:, None]).long()
-        self.ids[self.mask == 0] = TINY_OLMO2["pad_token_id"]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "index": i}
-
-
-class TokenData(pl.LightningDataModule):
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(Tokens(), batch_size=3)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(Tokens(), batch_size=3)
 
 
 def tiny_lm() -> CausalLMModule:
@@ -106,7 +71,7 @@ def validate_factors(
         callbacks=callbacks,
         limit_val_batches=1,
     )
-    trainer.validate(tiny_lm(), datamodule=TokenData(), verbose=False)
+    trainer.validate(tiny_lm(), datamodule=RandomTokensData(), verbose=False)
     return callbacks[0]
 
 
@@ -319,7 +284,7 @@ def test_callback_separate_passes_and_offload_match_and_log_throughput(tmp_path)
         assert (a.layers[name].count_A, a.layers[name].count_G) == (b.layers[name].count_A, b.layers[name].count_G)
         for one, two in zip(reconstruct(a.layers[name]), reconstruct(b.layers[name])):
             torch.testing.assert_close(one, two, rtol=RTOL, atol=ATOL)
-    tokens = int(Tokens().mask.sum())
+    tokens = int(RandomTokens().mask.sum())
     assert plain.last_throughput["unit"] == "tok" and plain.last_throughput["count"] == tokens
     assert lean.last_throughput["count"] == 2 * tokens  # two passes over the data
     metrics = (Path(tmp_path) / "log" / "version_0" / "metrics.csv").read_text()
@@ -412,9 +377,9 @@ def _ddp_worker(out_dir: Path) -> None:
         callbacks=callbacks,
         limit_val_batches=1,
     )
-    trainer.validate(tiny_lm(), datamodule=TokenData(), verbose=False)
+    trainer.validate(tiny_lm(), datamodule=RandomTokensData(), verbose=False)
     assert trainer.world_size == WORLD_SIZE
-    assert callbacks[0].last_throughput["count"] == int(Tokens().mask.sum())  # summed over the ranks
+    assert callbacks[0].last_throughput["count"] == int(RandomTokens().mask.sum())  # summed over the ranks
 
 
 if __name__ == "__main__":

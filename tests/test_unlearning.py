@@ -23,23 +23,12 @@ from memcurve.editing.unlearning import (
 )
 from memcurve.lightning_modules import CausalLMModule
 from memcurve.metrics import weights_fingerprint
+from memcurve.tiny import TINY_OLMO2
 
 pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
-TINY_OLMO2 = {
-    "model_type": "olmo2",
-    "vocab_size": 320,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 128,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-    "pad_token_id": 1,
-}
 MLP = [f"model.model.layers.{i}.mlp.{name}_proj" for i in range(2) for name in ("gate", "up")]
 DOWN = [f"model.model.layers.{i}.mlp.down_proj" for i in range(2)]
 LAYERS = {"ga": MLP, "graddiff": MLP, "npo": MLP, "simnpo": MLP, "rmu": DOWN}

@@ -46,23 +46,12 @@ from memcurve.editing.protocol import AutoRequest, AutoSettings, Protocol, stren
 from memcurve.editing.request import layers_id
 from memcurve.editing.sweep import budget_table, curve_table, plot_sweep, results_markdown
 from memcurve.lightning_modules import CausalLMModule
+from memcurve.tiny import TINY_OLMO2
 
 pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
-TINY_OLMO2 = {  # tests/test_unlearning.py's tiny OLMo-2
-    "model_type": "olmo2",
-    "vocab_size": 320,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 128,
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-    "pad_token_id": 1,
-}
 CANARY_DATA = {  # tests/test_canary_text_datamodule.py's small canary data: 4 canaries planted >= 16 times
     "corpus_fraction": 0.03,
     "vocab_size": 320,

@@ -24,7 +24,6 @@ from memcurve.metrics.unlearning import (
     min_k_percent,
     privacy_leakage,
     sequence_scores,
-    token_log_probs,
 )
 from memcurve.metrics.verbatim import (
     HeldOutPerplexity,
@@ -36,6 +35,7 @@ from memcurve.metrics.verbatim import (
     ndcg_at_k,
     shifted_prefix_recall,
     suffix_log_likelihood,
+    token_log_probs,
     verbatim_scores,
     weights_fingerprint,
 )

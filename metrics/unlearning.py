@@ -45,22 +45,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc
 
-from memcurve.metrics.verbatim import (
-    TokenSequences,
-    _as_token_lists,
-    _check_positive_int,
-    _check_token_id,
-    _forward,
-    _inference,
-    _left_pad,
-    _length_sorted_batches,
-    _model_device,
-    _position_ids,
-)
+from memcurve.metrics.verbatim import TokenSequences, token_log_probs
 
 __all__ = [
     "ForgetQuality",
@@ -70,7 +58,6 @@ __all__ = [
     "min_k_percent",
     "privacy_leakage",
     "sequence_scores",
-    "token_log_probs",
 ]
 
 # Membership scores (higher = more member-like) of membership_aurocs: name -> how to read it from sequence_scores.
@@ -84,44 +71,6 @@ def _check_k(k: Any) -> float:
 
 
 # --------------------------------------------------------------------------- per-item statistics
-def token_log_probs(
-    model: nn.Module,
-    prefixes: TokenSequences,
-    suffixes: TokenSequences,
-    *,
-    pad_token_id: int,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-) -> list[Tensor]:
-    """``log p(suffix_t | prefix, suffix_<t)`` of every suffix token: one float64 CPU tensor ``[len(suffix)]`` per
-    item, in input order, by teacher forcing on ``prefix + suffix`` (left-padded batches of similar length; only the
-    logits of the last ``max |suffix| + 1`` positions are materialised). Eval mode without gradients; the model's
-    mode is restored. Prefixes need at least one token (the first suffix token is predicted from it)."""
-    _check_positive_int("batch_size", batch_size)
-    _check_token_id("pad_token_id", pad_token_id)
-    prefix_lists = _as_token_lists("prefixes", prefixes)
-    suffix_lists = _as_token_lists("suffixes", suffixes)
-    if len(prefix_lists) != len(suffix_lists):
-        raise ValueError(f"got {len(prefix_lists)} prefixes but {len(suffix_lists)} suffixes; give one suffix each")
-    full = [p + s for p, s in zip(prefix_lists, suffix_lists)]
-    device = _model_device(model, device)
-    result: list[Tensor | None] = [None] * len(full)
-    with _inference(model):
-        for index in _length_sorted_batches(full, batch_size):
-            ids, mask = _left_pad([full[i] for i in index], pad_token_id, device)
-            span = max(len(suffix_lists[i]) for i in index)
-            logits, _ = _forward(model, ids, mask, _position_ids(mask), keep=span + 1)
-            logits = logits[:, :-1]  # position t predicts token t + 1: these predict the last `span` tokens
-            dtype = torch.promote_types(logits.dtype, torch.float32)
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).to(dtype), ids[:, -span:].reshape(-1), reduction="none"
-            ).reshape(len(index), span)
-            rows = (-nll).double().cpu()
-            for row, i in enumerate(index):
-                result[i] = rows[row, span - len(suffix_lists[i]) :].clone()
-    return result  # type: ignore[return-value]
-
-
 def min_k_percent(log_probs: Sequence[Tensor], k: float = 0.2) -> Tensor:
     """Min-K% Prob per item (float64 ``[N]``): the mean of the ``max(1, ⌊k·n⌋)`` smallest of each item's ``n`` token
     log-probabilities (see the module docstring). ``k`` in (0, 1]; k = 1 is the mean log-probability."""

@@ -52,6 +52,7 @@ __all__ = [
     "ndcg_at_k",
     "shifted_prefix_recall",
     "suffix_log_likelihood",
+    "token_log_probs",
     "verbatim_scores",
     "weights_fingerprint",
 ]
@@ -378,6 +379,44 @@ class VerbatimMemorization(Metric):
 
 
 # --------------------------------------------------------------------------- likelihoods
+def token_log_probs(
+    model: nn.Module,
+    prefixes: TokenSequences,
+    suffixes: TokenSequences,
+    *,
+    pad_token_id: int,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """``log p(suffix_t | prefix, suffix_<t)`` of every suffix token: one float64 CPU tensor ``[len(suffix)]`` per
+    item, in input order, by teacher forcing on ``prefix + suffix`` (left-padded batches of similar length; only the
+    logits of the last ``max |suffix| + 1`` positions are materialised). Eval mode without gradients; the model's
+    mode is restored. Prefixes need at least one token (the first suffix token is predicted from it)."""
+    _check_positive_int("batch_size", batch_size)
+    _check_token_id("pad_token_id", pad_token_id)
+    prefix_lists = _as_token_lists("prefixes", prefixes)
+    suffix_lists = _as_token_lists("suffixes", suffixes)
+    if len(prefix_lists) != len(suffix_lists):
+        raise ValueError(f"got {len(prefix_lists)} prefixes but {len(suffix_lists)} suffixes; give one suffix each")
+    full = [p + s for p, s in zip(prefix_lists, suffix_lists)]
+    device = _model_device(model, device)
+    result: list[Tensor | None] = [None] * len(full)
+    with _inference(model):
+        for index in _length_sorted_batches(full, batch_size):
+            ids, mask = _left_pad([full[i] for i in index], pad_token_id, device)
+            span = max(len(suffix_lists[i]) for i in index)
+            logits, _ = _forward(model, ids, mask, _position_ids(mask), keep=span + 1)
+            logits = logits[:, :-1]  # position t predicts token t + 1: these predict the last `span` tokens
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).to(dtype), ids[:, -span:].reshape(-1), reduction="none"
+            ).reshape(len(index), span)
+            rows = (-nll).double().cpu()
+            for row, i in enumerate(index):
+                result[i] = rows[row, span - len(suffix_lists[i]) :].clone()
+    return result  # type: ignore[return-value]
+
+
 def suffix_log_likelihood(
     model: nn.Module,
     prefixes: TokenSequences,
@@ -388,36 +427,12 @@ def suffix_log_likelihood(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Mean per-token log-probability ``[N]`` (float64) of each true suffix given its prefix (HUBBLE's
-    normalized log-likelihood), by teacher forcing on ``prefix + suffix`` — batched, left-padded.
-
-    Suffixes may differ in length; each is averaged over its own tokens. Only the logits of the last
-    ``max |suffix| + 1`` positions are materialised (``[B, max |S| + 1, V]`` per batch: size ``batch_size``
-    to the vocabulary).
-    """
-    _check_positive_int("batch_size", batch_size)
-    _check_token_id("pad_token_id", pad_token_id)
-    prefix_lists = _as_token_lists("prefixes", prefixes)
-    suffix_lists = _as_token_lists("suffixes", suffixes)
-    if len(prefix_lists) != len(suffix_lists):
-        raise ValueError(f"got {len(prefix_lists)} prefixes but {len(suffix_lists)} suffixes; give one suffix each")
-    full = [p + s for p, s in zip(prefix_lists, suffix_lists)]
-    device = _model_device(model, device)
-    result = torch.empty(len(full), dtype=torch.float64)
-    with _inference(model):
-        for index in _length_sorted_batches(full, batch_size):
-            ids, mask = _left_pad([full[i] for i in index], pad_token_id, device)
-            lengths = torch.tensor([len(suffix_lists[i]) for i in index], device=device)
-            span = int(lengths.max())
-            logits, _ = _forward(model, ids, mask, _position_ids(mask), keep=span + 1)
-            logits = logits[:, :-1]  # position t predicts token t + 1: these predict the last `span` tokens
-            dtype = torch.promote_types(logits.dtype, torch.float32)
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).to(dtype), ids[:, -span:].reshape(-1), reduction="none"
-            ).reshape(len(index), span)
-            in_suffix = torch.arange(span, device=device)[None, :] >= (span - lengths)[:, None]
-            total = torch.where(in_suffix, -nll.double(), nll.new_zeros((), dtype=torch.float64)).sum(dim=1)
-            result[index] = (total / lengths).cpu()
-    return result
+    normalized log-likelihood): the per-item mean of :func:`token_log_probs` (batched, left-padded teacher forcing;
+    suffixes may differ in length, each is averaged over its own tokens)."""
+    log_probs = token_log_probs(
+        model, prefixes, suffixes, pad_token_id=pad_token_id, batch_size=batch_size, device=device
+    )
+    return torch.tensor([float(values.mean()) for values in log_probs], dtype=torch.float64)
 
 
 class HeldOutPerplexity(Perplexity):

@@ -216,6 +216,7 @@ def plot_sweep(
     autos = budget_table(rows_by_seed, budgets, memorization, oracles=oracles)
     groups = dict.fromkeys((c["method"], c["layers"]) for c in curves)
     scale = 100.0 if budget.kind == "drop" else 1.0
+    plotted_x: list[float] = []
     for index, (method, layers) in enumerate(groups):
         color = f"C{index}"
         # The curve runs through the grid strengths from the weakest edit to the strongest (costs need not be
@@ -223,6 +224,7 @@ def plot_sweep(
         points = [c for c in curves if (c["method"], c["layers"]) == (method, layers)]
         points.sort(key=lambda c: c["strength"], reverse=points[0]["kind"] not in ASCENDING_KINDS)
         xs = [c["test_cost"][0] * scale for c in points]
+        plotted_x += [x for x in xs if math.isfinite(x)]
         xerr = [c["test_cost"][1] * scale for c in points]
         ys = [c[memorization][0] for c in points]
         sds = [c[memorization][1] for c in points]
@@ -257,8 +259,12 @@ def plot_sweep(
     axis.set_xlabel("test cost: " + ("points of accuracy lost" if budget.kind == "drop" else f"{budget.metric} ratio"))
     axis.set_ylabel(f"memorization ({memorization})")
     low = 0.0 if budget.kind == "drop" else 1.0
-    axis.set_xlim(left=min(low - 0.05 * (budgets[-1].limit * scale - low), axis.get_xlim()[0]))
-    axis.set_xlim(right=min(axis.get_xlim()[1], low + 4 * (budgets[-1].limit * scale - low)))
+    # The view: from the cheapest point measured to 4x the largest budget (an edit that breaks the model, e.g.
+    # perplexity x1e10, would otherwise squeeze everything else into one pixel on either side).
+    span = budgets[-1].limit * scale - low
+    right = min(max(plotted_x, default=low + span) + 0.05 * span, low + 4 * span)
+    left = min(low - 0.05 * span, min(plotted_x, default=low) - 0.05 * span)
+    axis.set_xlim(left=left, right=max(right, low + 1.05 * span))
     axis.set_title(title + f" — {len(rows_by_seed)} seeds; ★ auto at each budget", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="best")

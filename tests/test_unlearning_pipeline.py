@@ -370,6 +370,12 @@ def test_sweep_tables_run_the_unlearning_curves_weakest_first():
     markdown = results_markdown(rows_by_seed, [budget], "mem/strict", [("mem/strict", "strict")], {})
     assert "| NPO | 1.100× | steps 5 ± 0 |" in markdown, markdown
     plot_sweep(rows_by_seed, [budget], "mem/strict", "tiny")
+    # An edit that breaks the model (perplexity ×1e10) does not squeeze the view: it stays within 4× the budget.
+    broken = row("npo", 0, steps=80)
+    broken.after["val/perplexity"] = 1e11
+    rows_by_seed[0].append(broken)
+    left, right = plot_sweep(rows_by_seed, [budget], "mem/strict", "tiny").axes[0].get_xlim()
+    assert 0.9 < left < 1.0 and 1.1 < right <= 1.0 + 4 * 0.1 + 1e-9
 
 
 # -- 4. memcurve compare / prune ----------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import math
 import shutil
 from pathlib import Path
 
+from memcurve.utils.files import replace_between_markers
+
 BEGIN, END = "<!-- protocol-results:begin -->", "<!-- protocol-results:end -->"
 SWEEPS = ("vit_digits_augmented", "olmo2_tiny_canaries", "vit_digits")
 GRADIENT_METHODS = ("ga", "graddiff", "npo", "simnpo", "rmu")
@@ -141,12 +143,10 @@ def main() -> None:
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     args = parser.parse_args()
     readme = Path(args.readme)
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers; add them where the results go")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{section(Path(args.sweeps))}\n{END}{tail}")
+    try:
+        replace_between_markers(readme, BEGIN, END, section(Path(args.sweeps)))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     print(f"protocol results written to {readme}")
 
 

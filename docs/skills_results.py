@@ -17,6 +17,7 @@ from pathlib import Path
 
 from memcurve.editing.report import EditRow
 from memcurve.editing.skills import SKILL_CATEGORIES, plot_skills, retention_table, skill_scores
+from memcurve.utils.files import replace_between_markers
 
 BEGIN, END = "<!-- skills-results:begin -->", "<!-- skills-results:end -->"
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +83,10 @@ def main() -> None:
     figure = plot_skills(rows, MIN_LEVEL, title=meta.get("title", ""))
     figure.savefig(ROOT / "docs" / "skills_olmo2_tiny.png", format="png", dpi=130)
     readme = Path(args.readme)
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers; add them where the skills results go")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{section(rows, meta)}\n{END}{tail}")
+    try:
+        replace_between_markers(readme, BEGIN, END, section(rows, meta))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     print(f"skills results written to {readme} and docs/skills_olmo2_tiny.png")
 
 

@@ -61,3 +61,16 @@ def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
 def test_a_block_too_short_for_a_canary_is_refused():
     with pytest.raises(ValueError, match=r"block_size=16 is shorter than EOS \+ prefix_length \+ suffix_length = 21"):
         CanaryTextDataModule(block_size=16, prefix_length=8, suffix_length=12)
+
+
+def test_generated_blocks_replace_only_what_stands_between_their_markers(tmp_path):
+    from memcurve.utils.files import replace_between_markers
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n<!-- b -->\nold\n<!-- e -->\nkept\n")
+    replace_between_markers(readme, "<!-- b -->", "<!-- e -->", "new")
+    assert readme.read_text() == "# title\n<!-- b -->\nnew\n<!-- e -->\nkept\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match=r"no <!-- b --> \.\.\. <!-- e --> markers"):
+        replace_between_markers(readme, "<!-- b -->", "<!-- e -->", "new")
+    assert readme.read_text() == "no markers\n"

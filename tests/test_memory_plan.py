@@ -10,6 +10,7 @@ from memcurve.callbacks import KFACFactors
 from memcurve.curvature import FactorSettings, MemoryPlanError, plan_memory
 from memcurve.curvature.memory_plan import format_bytes
 from memcurve.lightning_modules import CausalLMModule
+from memcurve.tiny import TINY_OLMO2
 
 # Layer a: A 3x3, G 5x5 (owner 0); layer b: A 2x2, G 4x4 (owner 1); float32 sums (4 bytes).
 DIMS = {"a": (3, 5), "b": (2, 4)}
@@ -96,20 +97,7 @@ def test_bad_callback_options(kwargs, error, message):
 
 def test_callback_refuses_to_start_above_the_budget(tmp_path):
     torch.manual_seed(0)
-    module = CausalLMModule(
-        {
-            "model_type": "olmo2",
-            "vocab_size": 320,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 128,
-            "bos_token_id": 0,
-            "eos_token_id": 0,
-            "pad_token_id": 1,
-        }
-    )
+    module = CausalLMModule(dict(TINY_OLMO2))
     budget = FactorSettings(memory_budget_gb=1e-6)
     callback = KFACFactors(layers=["model.model.layers.*.mlp.up_proj"], settings=budget, when="validate")
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False)

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
-__all__ = ["atomic_write", "check_output_folder", "refuse_overwriting"]
+__all__ = ["atomic_write", "check_output_folder", "refuse_overwriting", "replace_between_markers"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -91,3 +91,15 @@ def refuse_overwriting(argument: str, paths: Iterable[str | os.PathLike], owned:
             f"{argument}: refusing to overwrite {listed}, not written by this run; choose another {argument}, "
             "move the existing file away, or pass overwrite=True"
         )
+
+
+def replace_between_markers(path: str | os.PathLike, begin: str, end: str, text: str) -> None:
+    """Replace what stands between the ``begin`` and ``end`` marker lines of a text file (a generated block of a
+    README) with ``text``, atomically; a file without both markers is refused with the fix."""
+    path = Path(path)
+    content = path.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"{path}: no {begin} ... {end} markers; add them where the generated text goes")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write(path, lambda tmp: tmp.write_text(f"{head}{begin}\n{text}\n{end}{tail}"))

@@ -448,8 +448,9 @@ class CausalLMModule(pl.LightningModule):
     # -- memorization measurements ------------------------------------------------------------------
     @torch.no_grad()
     def canary_recall(self, datamodule: Any, shard: bool = False) -> dict[str, float]:
-        """Verbatim recall of the canaries: memorized set (``mem/``), controls (``control/``), every level
-        (``canary/dup<L>/``). With ``shard`` each rank generates for its share and the sums are all-reduced."""
+        """Verbatim recall of the canaries: memorized set (``mem/``), controls (``control/``: never planted and not
+        in the memorized set), every level (``canary/dup<L>/``). With ``shard`` each rank generates for its share
+        and the sums are all-reduced."""
         examples = datamodule.canary_examples()
         levels = examples["levels"]
         suffixes = examples["suffixes"]
@@ -466,13 +467,15 @@ class CausalLMModule(pl.LightningModule):
             device=self.device,
         ).cpu()
         memorized = self.memorized_canaries(datamodule, examples)[rows]
+        # Controls: the never-planted canaries, less any the reference recites (memorized_set="mined" may mine them).
+        controls = (levels[rows] == 0) & ~memorized
         level_values = sorted(set(datamodule.duplicate_levels))
         # Unsharded evaluation runs on one process while the others wait: its metrics must not sync.
         settings = {"loose_threshold": self.hparams.loose_threshold, "sync_on_compute": world > 1}
         by_level = VerbatimMemorization(group_values=level_values, **settings)
         by_level.update(generated, suffixes[rows], levels[rows])
-        sets = VerbatimMemorization(group_values=[0, 1], **settings)
-        sets.update(generated, suffixes[rows], memorized.long())
+        sets = VerbatimMemorization(group_values=[0, 1, 2], **settings)  # other, memorized, control
+        sets.update(generated, suffixes[rows], memorized.long() + 2 * controls.long())
         loglik = suffix_log_likelihood(
             self.model, prefixes, suffixes[rows], pad_token_id=pad, batch_size=self.hparams.generation_batch_size
         ).cpu()
@@ -480,8 +483,8 @@ class CausalLMModule(pl.LightningModule):
             [
                 float(loglik[memorized].sum()),
                 float(memorized.sum()),
-                float(loglik[~memorized].sum()),
-                float((~memorized).sum()),
+                float(loglik[controls].sum()),
+                float(controls.sum()),
             ],
             dtype=torch.float64,
         )
@@ -498,7 +501,8 @@ class CausalLMModule(pl.LightningModule):
         out["mem/suffix_loglik"] = float(sums[0] / sums[1]) if sums[1] else math.nan
         if 0 in level_values:
             for key in ("strict", "loose", "avg_similarity"):
-                out[f"control/{key}"] = float(level_stats.get(f"g0/{key}", math.nan))
+                out[f"control/{key}"] = float(set_stats.get(f"g2/{key}", math.nan))
+            out["control/count"] = float(set_stats.get("g2/count", 0.0))
         out["control/suffix_loglik"] = float(sums[2] / sums[3]) if sums[3] else math.nan
         for level in level_values:
             for key in ("strict", "loose"):

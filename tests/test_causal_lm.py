@@ -322,3 +322,16 @@ def test_membership_inference_per_level_and_the_distance_to_an_oracle(datamodule
     module.set_oracle(other.state_dict())
     want, got = module.membership_metrics(datamodule), from_path.membership_metrics(datamodule)
     assert got == pytest.approx(want, nan_ok=True) and want["oracle/ks"] > 0  # privleak: NaN when the oracle AUROC is 1
+
+
+def test_controls_leave_out_canaries_in_the_memorized_set(datamodule, monkeypatch):
+    """With memorized_set="mined" a never-planted canary the reference recites is memorized, not a control."""
+    module = CausalLMModule(tiny_config())
+    levels = datamodule.canary_examples()["levels"]
+    mined = levels >= 16
+    first_control = int((levels == 0).nonzero()[0])
+    mined[first_control] = True
+    monkeypatch.setattr(module, "memorized_canaries", lambda datamodule, examples=None: mined)
+    scores = module.canary_recall(datamodule)
+    assert scores["control/count"] == int((levels == 0).sum()) - 1
+    assert scores["mem/count"] == int(mined.sum())

@@ -650,42 +650,24 @@ def sweep(
     for seed in seeds if seeds is not None else [None]:
         seed_argv = [o.format(seed=seed) for o in overrides] if seed is not None else []
         ckpt = checkpoints.format(seed=seed) if seed is not None else checkpoints
-        if not Path(ckpt).is_file():
-            if not train_missing:
-                raise FileNotFoundError(
-                    f"--checkpoints: {ckpt!r} does not exist (pass --train_missing true to train it)"
-                )
-            print(f"memcurve sweep: training seed {seed}: memcurve fit --config {run_config} {' '.join(seed_argv)}")
-            training_started = time.perf_counter()
-            run_trainer_command(["fit", "--config", run_config, *seed_argv])
-            training_seconds += time.perf_counter() - training_started
-            if not Path(ckpt).is_file():
-                raise FileNotFoundError(f"--checkpoints: training seed {seed} did not write {ckpt!r}")
-        oracle_ckpt = None
-        if oracles is not None:
-            oracle_ckpt = oracles.format(seed=seed) if seed is not None else oracles
-            if not Path(oracle_ckpt).is_file():
-                if not (train_missing and oracle_config):
-                    raise FileNotFoundError(
-                        f"--oracles: {oracle_ckpt!r} does not exist (pass --train_missing true and --oracle_config "
-                        "to train it)"
-                    )
-                print(f"memcurve sweep: training the oracle of seed {seed}: memcurve fit --config {oracle_config}")
-                training_started = time.perf_counter()
-                run_trainer_command(["fit", "--config", oracle_config, *seed_argv])
-                training_seconds += time.perf_counter() - training_started
-                if not Path(oracle_ckpt).is_file():
-                    raise FileNotFoundError(
-                        f"--oracles: training the oracle of seed {seed} did not write {oracle_ckpt!r}"
-                    )
+        training_seconds += _train_missing(
+            "--checkpoints", ckpt, run_config if train_missing else None, seed_argv, f"seed {seed}",
+            "pass --train_missing true to train it",
+        )  # fmt: skip
         cli = _run_cli("sweep", lambda parser: None, ["--config", run_config, *seed_argv])
         module, datamodule = cli.model, cli.datamodule
-        checkpoint = load_run_checkpoint(module, datamodule, ckpt)
         oracle_state = None
-        if oracle_ckpt is not None:
-            if not callable(getattr(module, "set_oracle", None)):
+        if oracles is not None:
+            if not callable(getattr(module, "set_oracle", None)):  # before an oracle is trained for nothing
                 raise TypeError(f"--oracles: {type(module).__name__} has no set_oracle(state_dict) to score against")
+            oracle_ckpt = oracles.format(seed=seed) if seed is not None else oracles
+            training_seconds += _train_missing(
+                "--oracles", oracle_ckpt, oracle_config if train_missing else None, seed_argv,
+                f"the oracle of seed {seed}", "pass --train_missing true and --oracle_config to train it",
+            )  # fmt: skip
             oracle_state = torch.load(oracle_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        checkpoint = load_run_checkpoint(module, datamodule, ckpt)
+        if oracle_state is not None:
             module.set_oracle(oracle_state)  # before the scorers copy the module
         run_seed = _run_seed(cli.config)
         key = run_seed if seed is None else seed
@@ -789,6 +771,21 @@ def _sweep_factors(
     # One validation batch (an example of the factor data itself; its scores are discarded) carries the callback.
     trainer.validate(module, dataloaders=subset_loader(loader, [0]), verbose=False)
     return path
+
+
+def _train_missing(argument: str, ckpt: str, config: str | None, argv: list[str], what: str, fix: str) -> float:
+    """Train ``ckpt`` (``memcurve fit --config config`` with the seed's ``argv``) when it is missing; refused
+    (naming ``argument`` and the ``fix``) without a ``config`` to train it with. Returns the training seconds."""
+    if Path(ckpt).is_file():
+        return 0.0
+    if config is None:
+        raise FileNotFoundError(f"{argument}: {ckpt!r} does not exist ({fix})")
+    print(f"memcurve sweep: training {what}: memcurve fit --config {config} {' '.join(argv)}")
+    started = time.perf_counter()
+    run_trainer_command(["fit", "--config", config, *argv])
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"{argument}: training {what} did not write {ckpt!r}")
+    return time.perf_counter() - started
 
 
 def oracle_row(

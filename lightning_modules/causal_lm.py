@@ -447,10 +447,13 @@ class CausalLMModule(pl.LightningModule):
 
     # -- memorization measurements ------------------------------------------------------------------
     @torch.no_grad()
-    def canary_recall(self, datamodule: Any, shard: bool = False) -> dict[str, float]:
+    def canary_recall(
+        self, datamodule: Any, shard: bool = False, scores: Mapping[str, Tensor] | None = None
+    ) -> dict[str, float]:
         """Verbatim recall of the canaries: memorized set (``mem/``), controls (``control/``: never planted and not
         in the memorized set), every level (``canary/dup<L>/``). With ``shard`` each rank generates for its share
-        and the sums are all-reduced."""
+        and the sums are all-reduced. ``scores``: the canaries' :meth:`_canary_scores` of the current weights, when
+        already computed (their normalized log-likelihood is the ``suffix_loglik``)."""
         examples = datamodule.canary_examples()
         levels = examples["levels"]
         suffixes = examples["suffixes"]
@@ -476,9 +479,12 @@ class CausalLMModule(pl.LightningModule):
         by_level.update(generated, suffixes[rows], levels[rows])
         sets = VerbatimMemorization(group_values=[0, 1, 2], **settings)  # other, memorized, control
         sets.update(generated, suffixes[rows], memorized.long() + 2 * controls.long())
-        loglik = suffix_log_likelihood(
-            self.model, prefixes, suffixes[rows], pad_token_id=pad, batch_size=self.hparams.generation_batch_size
-        ).cpu()
+        if scores is not None:
+            loglik = scores["normalized_log_likelihood"][rows]
+        else:
+            loglik = suffix_log_likelihood(
+                self.model, prefixes, suffixes[rows], pad_token_id=pad, batch_size=self.hparams.generation_batch_size
+            ).cpu()
         sums = torch.tensor(
             [
                 float(loglik[memorized].sum()),
@@ -622,7 +628,7 @@ class CausalLMModule(pl.LightningModule):
         )
 
     @torch.no_grad()
-    def membership_metrics(self, datamodule: Any) -> dict[str, float]:
+    def membership_metrics(self, datamodule: Any, scores: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         """Membership inference (HUBBLE, MUSE): how well each canary's suffix likelihood tells planted canaries from
         the never-seen controls (level 0), as AUROCs of −loss (``auroc_loss``) and of Min-40% probability
         (``auroc_mink``): per duplicate level (``mia/dup<L>/``) and for the memorized set (``mia/mem/``); 0.5 is
@@ -640,22 +646,22 @@ class CausalLMModule(pl.LightningModule):
         if not controls.any():
             return {}
         pad = datamodule.pad_token_id
-        scores = self._canary_scores(self.model, examples, pad)
-        memorized = self.memorized_canaries(datamodule, examples)
+        if scores is None:
+            scores = self._canary_scores(self.model, examples, pad)
+        members = self.memorized_canaries(datamodule, examples) & ~controls
 
         def subset(mask: Tensor) -> dict[str, Tensor]:
             return {key: value[mask] for key, value in scores.items()}
 
         out: dict[str, float] = {}
         groups = [(f"dup{level}", levels == level) for level in sorted(set(levels.tolist()) - {0})]
-        for name, mask in [*groups, ("mem", memorized & ~controls)]:
+        for name, mask in [*groups, ("mem", members)]:
             if not mask.any():
                 continue
             for kind, value in membership_aurocs(subset(mask), subset(controls)).items():
                 out[f"mia/{name}/auroc_{'mink' if kind == 'min_k' else kind}"] = value
             out[f"mia/{name}/nll"] = float(scores["normalized_log_likelihood"][mask].mean())
         oracle = self._oracle_weights()
-        members = memorized & ~controls
         if oracle is None or not members.any():
             return out
         if self._oracle_scores is None:
@@ -759,7 +765,9 @@ class CausalLMModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            metrics = self.canary_recall(datamodule, shard=shard)
+            # One teacher-forcing pass over the canaries serves recall's log-likelihood and membership inference.
+            scores = self._canary_scores(self.model, datamodule.canary_examples(), datamodule.pad_token_id)
+            metrics = self.canary_recall(datamodule, shard=shard, scores=scores)
             perplexity = HeldOutPerplexity(sync_on_compute=shard).to(self.device)
             for batch in datamodule.evaluation_dataloader("val", shard=shard):
                 batch = move_data_to_device(batch, self.device)
@@ -769,7 +777,7 @@ class CausalLMModule(pl.LightningModule):
             metrics["val/perplexity"] = float(perplexity.compute())
             metrics |= self.shifted_recall(datamodule)
             metrics[f"val/ndcg@{self.hparams.ndcg_k}"] = self.ndcg(datamodule)
-            metrics |= self.membership_metrics(datamodule)
+            metrics |= self.membership_metrics(datamodule, scores=scores)
             metrics |= self.skills_metrics(datamodule)
         finally:
             self.train(was_training)

@@ -58,9 +58,11 @@ __all__ = [
     "BSN_METHOD",
     "SCORE_INITS",
     "BalancedSubnetResult",
+    "FunctionCaller",
     "MaskedWeights",
     "apply_masks",
     "check_ratio",
+    "cycle_batches",
     "mask_edits",
     "mask_ste",
     "num_pruned",
@@ -112,7 +114,7 @@ def mask_ste(scores: Tensor, ratio: float) -> Tensor:
 
 
 # -- masked forward ---------------------------------------------------------------------------------------------
-class _Call(nn.Module):
+class FunctionCaller(nn.Module):
     """Lets ``functional_call`` run an arbitrary ``fn(model, *args)`` with substituted parameters."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -188,7 +190,7 @@ class MaskedWeights:
                 bound = 1.0 / math.sqrt(linear_shape(layer)[0])
                 scores = (torch.rand(weight.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
             self.scores[name] = scores.to(weight.device).requires_grad_(True)
-        self._caller = _Call(model)
+        self._caller = FunctionCaller(model)
         self._saved_flags: dict[str, bool] | None = None
 
     def __enter__(self) -> Self:
@@ -247,7 +249,8 @@ def _check_batches(name: str, batches: Any) -> int:
     return count
 
 
-def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
+def cycle_batches(batches: Iterable[Any]) -> Iterator[Any]:
+    """The batches of a loader over and over (a new pass, and a new shuffle, each time round)."""
     while True:
         yield from batches
 
@@ -304,7 +307,7 @@ def train_balanced_subnet(
         try:
             with masked:
                 for epoch in range(epochs):
-                    forget, retain = _cycle(forget_batches), _cycle(retain_batches)
+                    forget, retain = cycle_batches(forget_batches), cycle_batches(retain_batches)
                     sums = {"forget_loss": 0.0, "retain_loss": 0.0, "loss": 0.0}
                     for _ in range(steps):
                         optimizer.zero_grad(set_to_none=True)

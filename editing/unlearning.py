@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from memcurve.adapters import FisherAdapter, default_fisher_adapter
+from memcurve.curvature.balanced_subnet import FunctionCaller, cycle_batches
 from memcurve.curvature.layers import is_linear
 from memcurve.utils.arguments import check_choice, check_int, check_positive_int
 
@@ -220,22 +221,6 @@ def _check_batches(name: str, batches: Any) -> None:
         raise ValueError(f"{name} is empty: unlearning needs examples to {name.split('_')[0]}")
 
 
-def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        yield from batches
-
-
-class _Call(nn.Module):
-    """Runs ``fn(model, *args)`` under ``functional_call``, so another set of weights can stand in for the model's."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(self.model, *args)
-
-
 @contextmanager
 def _captured(module: nn.Module | None) -> Iterator[list[Tensor]]:
     """The outputs of ``module`` (the first element of a tuple output) during the block, in call order."""
@@ -302,7 +287,7 @@ class _Objective:
     ) -> None:
         self.trainee, self.reader, self.settings = trainee, reader, settings
         self.method, self.hyper = settings.method, settings.hyperparameters
-        self.caller = _Call(trainee)
+        self.caller = FunctionCaller(trainee)
         self.reference: dict[str, Tensor] = {}
         if self.method in ("npo", "rmu"):  # on the trainee's devices (a checkpoint may be on the CPU)
             own = trainee.state_dict()
@@ -396,7 +381,7 @@ def unlearn(
         reader = adapter if adapter is not None else default_fisher_adapter(trainee)
         objective_of = _Objective(trainee, reader, original, settings, rmu_layer)
         optimizer = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=settings.weight_decay)
-        forget_batches, retain_batches = _cycle(forget), _cycle(retain)
+        forget_batches, retain_batches = cycle_batches(forget), cycle_batches(retain)
         device = trained[0].device
         history = []
         for step in range(settings.steps):

@@ -10,11 +10,12 @@ only the edited layers' tensors replaced.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,14 +173,7 @@ def _balanced_subnet(
     check_bsn_module(module)
     if datamodule is None:
         raise ValueError("method 'bsn' needs the datamodule: it trains the mask on its forget/retain data")
-    # A checkpoint written from a validation hook arrives under inference mode: train with autograd on.
-    with torch.inference_mode(False), torch.enable_grad():
-        trainee = copy.deepcopy(module)  # the live model is never modified
-        trainee.load_state_dict(state_dict)
-        forget, retain = trainee.balanced_subnet_data(
-            datamodule, settings.batch_size, max_forget=settings.max_forget, max_retain=settings.max_retain,
-            seed=settings.seed,
-        )  # fmt: skip
+    with _trainee(module, state_dict, datamodule, settings) as (trainee, forget, retain):
         result = train_balanced_subnet(
             trainee,
             list(layer_names),
@@ -195,9 +189,26 @@ def _balanced_subnet(
             score_init=settings.score_init,
             seed=settings.seed,
         )
-        del trainee
+        del trainee  # the copy's memory goes before the edited state dict is built
     edited = apply_masks(state_dict, result.masks)
     return EditResult(edited, mask_edits(state_dict, edited, result.masks, scores=result.scores), result.history)
+
+
+@contextlib.contextmanager
+def _trainee(
+    module: nn.Module, state_dict: Mapping[str, Any], datamodule: Any, settings: Any
+) -> Iterator[tuple[nn.Module, Any, Any]]:
+    """A private copy of ``module`` holding ``state_dict`` (the live model is never modified) and its forget/retain
+    loaders (``settings``: batch size, subset sizes, seed), with autograd on: a checkpoint written from a validation
+    hook arrives under inference mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        trainee = copy.deepcopy(module)
+        trainee.load_state_dict(state_dict)
+        forget, retain = trainee.balanced_subnet_data(
+            datamodule, settings.batch_size, max_forget=settings.max_forget, max_retain=settings.max_retain,
+            seed=settings.seed,
+        )  # fmt: skip
+        yield trainee, forget, retain
 
 
 def _module_loss(module: Any, batch: Any) -> torch.Tensor:
@@ -216,13 +227,7 @@ def _unlearning(
     if datamodule is None:
         raise ValueError(f"method {request.method!r} needs the datamodule: it trains on its forget/retain data")
     settings = dataclasses.replace(settings, method=request.method, steps=request.steps)
-    with torch.inference_mode(False), torch.enable_grad():
-        trainee = copy.deepcopy(module)  # the live model is never modified
-        trainee.load_state_dict(state_dict)
-        forget, retain = trainee.balanced_subnet_data(
-            datamodule, settings.batch_size, max_forget=settings.max_forget, max_retain=settings.max_retain,
-            seed=settings.seed,
-        )  # fmt: skip
+    with _trainee(module, state_dict, datamodule, settings) as (trainee, forget, retain):
         result = unlearn(trainee, forget, retain, list(layer_names), settings, state_dict=state_dict, inplace=True)
         del trainee
     layers = {}

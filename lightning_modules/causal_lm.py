@@ -228,6 +228,26 @@ class CanaryProbeAdapter(ProbeAdapter):
         return batch["attention_mask"].bool()
 
 
+def membership_by_group(
+    prefix: str, scores: Mapping[str, Tensor], groups: Sequence[tuple[str, Tensor]], controls: Tensor
+) -> dict[str, float]:
+    """Membership inference of item groups (HUBBLE): for each ``(name, mask)`` with items, the loss and Min-K%
+    AUROCs of the masked items against the ``controls`` (``{prefix}{name}/auroc_loss|auroc_mink``; not for the
+    controls themselves, nor without any) and their mean normalized log-likelihood (``{prefix}{name}/nll``), from
+    :func:`~memcurve.metrics.sequence_scores` ``scores`` of every item."""
+    out: dict[str, float] = {}
+    for name, mask in groups:
+        if not mask.any():
+            continue
+        if controls.any() and not torch.equal(mask, controls):
+            members = {key: value[mask] for key, value in scores.items()}
+            others = {key: value[controls] for key, value in scores.items()}
+            for kind, value in membership_aurocs(members, others).items():
+                out[f"{prefix}{name}/auroc_{'mink' if kind == 'min_k' else kind}"] = value
+        out[f"{prefix}{name}/nll"] = float(scores["normalized_log_likelihood"][mask].mean())
+    return out
+
+
 def _has_suite(datamodule: Any) -> bool:
     """Whether the DataModule plants a perturbation suite (``CanaryTextDataModule(perturbations=...)``)."""
     return getattr(datamodule, "perturbations", None) is not None and callable(
@@ -649,18 +669,8 @@ class CausalLMModule(pl.LightningModule):
         if scores is None:
             scores = self._canary_scores(self.model, examples, pad)
         members = self.memorized_canaries(datamodule, examples) & ~controls
-
-        def subset(mask: Tensor) -> dict[str, Tensor]:
-            return {key: value[mask] for key, value in scores.items()}
-
-        out: dict[str, float] = {}
         groups = [(f"dup{level}", levels == level) for level in sorted(set(levels.tolist()) - {0})]
-        for name, mask in [*groups, ("mem", members)]:
-            if not mask.any():
-                continue
-            for kind, value in membership_aurocs(subset(mask), subset(controls)).items():
-                out[f"mia/{name}/auroc_{'mink' if kind == 'min_k' else kind}"] = value
-            out[f"mia/{name}/nll"] = float(scores["normalized_log_likelihood"][mask].mean())
+        out = membership_by_group("mia/", scores, [*groups, ("mem", members)], controls)
         oracle = self._oracle_weights()
         if oracle is None or not members.any():
             return out
@@ -721,15 +731,8 @@ class CausalLMModule(pl.LightningModule):
                     batch_size=batch_size,
                     device=self.device,
                 )
-                controls = levels == 0
-                for level in sorted(set(levels.tolist())):
-                    mask = levels == level
-                    if level and controls.any():
-                        members = {key: value[mask] for key, value in scores.items()}
-                        others = {key: value[controls] for key, value in scores.items()}
-                        for score, value in membership_aurocs(members, others).items():
-                            out[f"mia/{category}/dup{level}/auroc_{'mink' if score == 'min_k' else score}"] = value
-                    out[f"mia/{category}/dup{level}/nll"] = float(scores["normalized_log_likelihood"][mask].mean())
+                groups = [(f"dup{level}", levels == level) for level in sorted(set(levels.tolist()))]
+                out |= membership_by_group(f"mia/{category}/", scores, groups, levels == 0)
                 continue
             length = max(len(answer) for answer in probe.answers)
             generated = greedy_generate(
